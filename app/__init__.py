@@ -1,0 +1,66 @@
+"""Switchboard: a self-hosted messaging backend.
+
+`create_app()` builds the Flask app; nothing is created at import time.
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from app.settings import Settings, load_settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app from `settings` (default: read from the environment).
+
+    Raises `SettingsError` or `PolicyError` naming what is wrong, so a bad
+    deployment stops at start-up rather than at the first request.
+    """
+    import redis
+
+    from app.api import register_blueprints
+    from app.auth import TokenVerifier
+    from app.db import Database
+    from app.errors import register_error_handlers
+    from app.policy import load_policy
+    from app.web import install_request_hooks
+    from monitoring.logging import configure_logging
+    from monitoring.metrics import QueueDepthCollector, build_registry
+    from workers.celery_app import QUEUES, init_celery
+
+    settings = settings or load_settings()
+    configure_logging(settings.log_level)
+    policy = load_policy(settings.policy)
+
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+
+    redis_client = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+    )
+    app.extensions.update(
+        {
+            "switchboard.settings": settings,
+            "switchboard.policy": policy,
+            "switchboard.db": Database(settings.database_url, pool_size=settings.db_pool_size),
+            "switchboard.redis": redis_client,
+            "switchboard.tokens": TokenVerifier(settings),
+        }
+    )
+    celery = init_celery(app, settings)
+
+    def queue_depths() -> dict[str, int]:
+        # Celery's Redis transport keeps each queue as a list named after it.
+        with celery.connection_for_read() as connection:
+            client = connection.default_channel.client
+            return {queue: int(client.llen(queue)) for queue in QUEUES}
+
+    app.extensions["switchboard.metrics_registry"] = build_registry(
+        [QueueDepthCollector(queue_depths)]
+    )
+
+    install_request_hooks(app)
+    register_error_handlers(app)
+    register_blueprints(app)
+    return app

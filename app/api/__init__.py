@@ -1,0 +1,15 @@
+"""HTTP blueprints. Thin: authenticate, validate the shape, call a service, answer."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+
+def register_blueprints(app: Flask) -> None:
+    from app.api.admin import blueprint as admin
+    from app.api.health import blueprint as health
+    from app.api.me import blueprint as me
+
+    app.register_blueprint(health)
+    app.register_blueprint(admin)
+    app.register_blueprint(me)

@@ -1,0 +1,61 @@
+"""The handlers that turn every error into the contract's JSON body:
+`{"error": {"code": "<snake_case>", "message": "<for a person>"}}`, 404, 405 and 500 included."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, g, jsonify
+from flask.typing import ResponseReturnValue
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from app.problems import ApiError
+
+log = logging.getLogger(__name__)
+
+
+def error_body(code: str, message: str, detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if detail:
+        error["detail"] = detail
+    return {"error": error}
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad field, e.g. `tenant: Field required; tier: ...`."""
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(item) for item in error["loc"]) or "body"
+        message = "is required" if error["type"] == "missing" else error["msg"]
+        parts.append(f"{location}: {message.removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> ResponseReturnValue:
+        return jsonify(error_body(exc.code, exc.message, exc.detail)), exc.status, exc.headers
+
+    @app.errorhandler(ValidationError)
+    def _validation_error(exc: ValidationError) -> ResponseReturnValue:
+        return jsonify(error_body("invalid_request", describe_validation_error(exc))), 400
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> ResponseReturnValue:
+        code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
+        response = jsonify(error_body(code, exc.description or exc.name))
+        response.status_code = exc.code or 500
+        if exc.code == 405 and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> ResponseReturnValue:
+        request_id = getattr(g, "request_id", None)
+        log.exception("unhandled error", extra={"request_id": request_id})
+        message = "An unexpected error occurred."
+        if request_id:
+            message += f" Quote request id {request_id} when reporting it."
+        return jsonify(error_body("internal_error", message)), 500

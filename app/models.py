@@ -1,0 +1,288 @@
+"""The data model. Ids that come from the host app (tenants, users) are text;
+ids Switchboard hands out are UUIDs.
+
+Indexes follow the queries that use them:
+- my conversations by latest activity:
+  participants (user_id, last_activity_at DESC, conversation_id DESC)
+- history newest first: messages (conversation_id, created_at DESC, id DESC)
+- stream replay: user_events primary key (user_id, seq)
+- retention: messages (expires_at) for the soft delete and (deleted_at) for the purge
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID_LENGTH = 128
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+def _uuid() -> uuid.UUID:
+    return uuid.uuid4()
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    role: Mapped[str] = mapped_column(String(64))
+    tier: Mapped[str] = mapped_column(String(64))
+    display_name: Mapped[str] = mapped_column(String(200))
+    # The tier before the last change and when it changed: a downgrade keeps the
+    # old retention for the policy's grace period.
+    previous_tier: Mapped[str | None] = mapped_column(String(64))
+    tier_changed_at: Mapped[datetime | None]
+    # The last per-user event sequence handed out. Incremented under the row lock
+    # inside the transaction that appends the event, so sequence order is commit
+    # order and a reader resuming after N can never skip an event.
+    last_event_seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+    # Composite key target so that rows referring to a user can also pin the tenant.
+    __table_args__ = (UniqueConstraint("tenant_id", "id"),)
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    # The two participants' ids, sorted and joined: one conversation per pair and subject.
+    pair_key: Mapped[str] = mapped_column(String(2 * ID_LENGTH + 1))
+    subject_type: Mapped[str | None] = mapped_column(String(64))
+    subject_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    # '' when there is no subject, so the unique constraint treats "no subject" as one value.
+    subject_key: Mapped[str] = mapped_column(String(ID_LENGTH + 65), server_default=text("''"))
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'active'"))
+    created_by: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_activity_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_message_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "pair_key", "subject_key"),
+        CheckConstraint("status IN ('active', 'archived')", name="status"),
+    )
+
+
+class Participant(Base):
+    __tablename__ = "participants"
+
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    # Copied from the conversation so that "my conversations by latest activity"
+    # is one index range scan.
+    last_activity_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_read_at: Mapped[datetime | None]
+    last_read_message_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    unread_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    archived: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    joined_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    __table_args__ = (
+        CheckConstraint("unread_count >= 0", name="unread_count_non_negative"),
+        Index(
+            "ix_participants_user_activity",
+            "user_id",
+            text("last_activity_at DESC"),
+            text("conversation_id DESC"),
+        ),
+    )
+
+
+class Message(Base):
+    __tablename__ = "messages"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    sender_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    # Chosen by the client; a retried send with the same client id stores one message.
+    client_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    body: Mapped[str | None] = mapped_column(Text)
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'stored'"))
+    rejection_reason: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    expires_at: Mapped[datetime | None]
+    deleted_at: Mapped[datetime | None]
+    deleted_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"))
+    delete_reason: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        UniqueConstraint("sender_id", "client_id"),
+        CheckConstraint("status IN ('stored', 'rejected')", name="status"),
+        Index(
+            "ix_messages_conversation_history",
+            "conversation_id",
+            text("created_at DESC"),
+            text("id DESC"),
+            postgresql_where=text("status = 'stored'"),
+        ),
+        Index("ix_messages_expires_at", "expires_at", postgresql_where=text("deleted_at IS NULL")),
+        Index(
+            "ix_messages_deleted_at", "deleted_at", postgresql_where=text("deleted_at IS NOT NULL")
+        ),
+    )
+
+
+class UserEvent(Base):
+    """One user's event log: what their stream replays after a reconnect."""
+
+    __tablename__ = "user_events"
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+
+class Broadcast(Base):
+    __tablename__ = "broadcasts"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    sender_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    client_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    audience: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(ID_LENGTH), server_default=text("''"))
+    body: Mapped[str | None] = mapped_column(Text)
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'stored'"))
+    rejection_reason: Mapped[str | None] = mapped_column(String(64))
+    recipient_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    expires_at: Mapped[datetime | None]
+    deleted_at: Mapped[datetime | None]
+    deleted_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"))
+    delete_reason: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        UniqueConstraint("sender_id", "client_id"),
+        CheckConstraint("status IN ('stored', 'rejected')", name="status"),
+        Index(
+            "ix_broadcasts_tenant_audience_created",
+            "tenant_id",
+            "audience",
+            text("created_at DESC"),
+        ),
+    )
+
+
+class BroadcastQuotaUsage(Base):
+    """Broadcasts used per sender, scope and quota period (e.g. the day from 02:00 UTC)."""
+
+    __tablename__ = "broadcast_quota_usage"
+
+    sender_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    period: Mapped[str] = mapped_column(String(32), primary_key=True)
+    used: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+class Report(Base):
+    __tablename__ = "reports"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    message_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    reporter_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    reason: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'pending'"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    resolved_at: Mapped[datetime | None]
+    resolved_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"))
+
+    __table_args__ = (
+        UniqueConstraint("message_id", "reporter_id"),
+        CheckConstraint("status IN ('pending', 'removed', 'dismissed')", name="status"),
+        Index("ix_reports_queue", "tenant_id", "status", "created_at"),
+        # A message under an open report is kept from purge: the purge looks this up.
+        Index(
+            "ix_reports_pending_message", "message_id", postgresql_where=text("status = 'pending'")
+        ),
+    )
+
+
+class Block(Base):
+    __tablename__ = "blocks"
+
+    blocker_id: Mapped[str] = mapped_column(primary_key=True)
+    blocked_id: Mapped[str] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    # Both users must be in the block's tenant: the composite keys make the database say so.
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["tenant_id", "blocker_id"], ["users.tenant_id", "users.id"], name="fk_blocks_blocker"
+        ),
+        ForeignKeyConstraint(
+            ["tenant_id", "blocked_id"], ["users.tenant_id", "users.id"], name="fk_blocks_blocked"
+        ),
+        CheckConstraint("blocker_id <> blocked_id", name="not_self"),
+    )
+
+
+class AuditLog(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    actor_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    detail: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    __table_args__ = (Index("ix_audit_log_tenant_created", "tenant_id", text("created_at DESC")),)

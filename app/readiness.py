@@ -1,0 +1,49 @@
+"""Checks that the database, Redis and the Celery broker answer."""
+
+from __future__ import annotations
+
+import redis
+from flask import Flask
+from kombu import Connection
+from sqlalchemy import text
+
+CHECK_TIMEOUT_SECONDS = 2.0
+
+
+def _check_database(app: Flask) -> str:
+    try:
+        with app.extensions["switchboard.db"].engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        return f"down: {type(exc).__name__}"
+    return "ok"
+
+
+def _check_redis(client: redis.Redis) -> str:
+    try:
+        client.ping()
+    except Exception as exc:
+        return f"down: {type(exc).__name__}"
+    return "ok"
+
+
+def _check_broker(url: str) -> str:
+    try:
+        with Connection(url, connect_timeout=CHECK_TIMEOUT_SECONDS) as connection:
+            connection.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT_SECONDS)
+    except Exception as exc:
+        return f"down: {type(exc).__name__}"
+    return "ok"
+
+
+def check_dependencies(app: Flask) -> dict[str, str]:
+    settings = app.extensions["switchboard.settings"]
+    checks = {
+        "database": _check_database(app),
+        "redis": _check_redis(app.extensions["switchboard.redis"]),
+    }
+    if settings.celery_broker_url == settings.redis_url:
+        checks["broker"] = checks["redis"]
+    else:
+        checks["broker"] = _check_broker(settings.celery_broker_url)
+    return checks

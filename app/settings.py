@@ -1,0 +1,169 @@
+"""Settings read once from the environment.
+
+Every setting has one environment variable. A missing or malformed one stops
+start-up with a `SettingsError` that names the variable, so an operator sees
+`DATABASE_URL: ...` instead of a stack trace from deep inside a driver.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+MIN_HMAC_SECRET_LENGTH = 32
+MIN_SERVICE_TOKEN_LENGTH = 16
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseModel):
+    """The process configuration. Build it with `load_settings`, which reads the
+    environment in one place, so a test passing its own mapping sees nothing else."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    database_url: str = Field(validation_alias=_env("DATABASE_URL"))
+    redis_url: str = Field(validation_alias=_env("REDIS_URL"))
+    broker_url: str | None = Field(default=None, validation_alias=_env("SWITCHBOARD_BROKER_URL"))
+    port: int = Field(default=8000, ge=1, le=65535, validation_alias=_env("PORT"))
+    policy: str = Field(
+        default="bookstore", min_length=1, validation_alias=_env("SWITCHBOARD_POLICY")
+    )
+    service_token: str = Field(
+        repr=False,
+        min_length=MIN_SERVICE_TOKEN_LENGTH,
+        validation_alias=_env("SWITCHBOARD_SERVICE_TOKEN"),
+    )
+    jwt_secret: str | None = Field(
+        default=None, repr=False, validation_alias=_env("SWITCHBOARD_JWT_SECRET")
+    )
+    jwt_public_key: str | None = Field(
+        default=None, validation_alias=_env("SWITCHBOARD_JWT_PUBLIC_KEY")
+    )
+    jwt_algorithm: Literal[
+        "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512"
+    ] = Field(default="HS256", validation_alias=_env("SWITCHBOARD_JWT_ALGORITHM"))
+    jwt_issuer: str | None = Field(default=None, validation_alias=_env("SWITCHBOARD_JWT_ISSUER"))
+    jwt_audience: str | None = Field(
+        default=None, validation_alias=_env("SWITCHBOARD_JWT_AUDIENCE")
+    )
+    jwt_leeway_seconds: int = Field(
+        default=10, ge=0, le=300, validation_alias=_env("SWITCHBOARD_JWT_LEEWAY_SECONDS")
+    )
+    db_pool_size: int = Field(
+        default=10, ge=1, le=200, validation_alias=_env("SWITCHBOARD_DB_POOL_SIZE")
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", validation_alias=_env("SWITCHBOARD_LOG_LEVEL")
+    )
+    task_visibility_timeout: int = Field(
+        default=300, ge=30, le=86400, validation_alias=_env("SWITCHBOARD_TASK_VISIBILITY_TIMEOUT")
+    )
+    worker_metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, validation_alias=_env("SWITCHBOARD_WORKER_METRICS_PORT")
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_database_url(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+    @field_validator("redis_url", "broker_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator(
+        "jwt_secret", "jwt_public_key", "jwt_issuer", "jwt_audience", "broker_url", mode="before"
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_jwt_key(self) -> Settings:
+        if self.jwt_algorithm in HMAC_ALGORITHMS:
+            if not self.jwt_secret:
+                raise SettingsError(
+                    f"SWITCHBOARD_JWT_SECRET: is required when SWITCHBOARD_JWT_ALGORITHM "
+                    f"is {self.jwt_algorithm}"
+                )
+            if len(self.jwt_secret) < MIN_HMAC_SECRET_LENGTH:
+                raise SettingsError(
+                    f"SWITCHBOARD_JWT_SECRET: must be at least {MIN_HMAC_SECRET_LENGTH} characters"
+                )
+        elif not self.jwt_public_key or "BEGIN" not in self.jwt_public_key:
+            raise SettingsError(
+                "SWITCHBOARD_JWT_PUBLIC_KEY: a PEM public key is required when "
+                f"SWITCHBOARD_JWT_ALGORITHM is {self.jwt_algorithm}"
+            )
+        return self
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def jwt_verification_key(self) -> str:
+        return self.jwt_secret if self.jwt_algorithm in HMAC_ALGORITHMS else self.jwt_public_key  # type: ignore[return-value]
+
+
+def normalise_database_url(value: str) -> str:
+    """Accept `postgres://` (as Heroku gives it) and plain `postgresql://`; use psycopg 3."""
+    for prefix in ("postgres://", "postgresql://", "postgresql+psycopg://"):
+        if value.startswith(prefix):
+            return "postgresql+psycopg://" + value[len(prefix) :]
+    raise ValueError("must be a postgres:// or postgresql:// URL")
+
+
+_FIELD_TO_ENV = {
+    name: field.validation_alias.choices[0]  # type: ignore[union-attr]
+    for name, field in Settings.model_fields.items()
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from `environ` (default: the process environment).
+
+    Raises `SettingsError` naming every variable that is missing or malformed.
+    """
+    source = dict(os.environ if environ is None else environ)
+    try:
+        # Passing values explicitly keeps tests free of process-environment leaks.
+        return Settings(**{env: source[env] for env in _FIELD_TO_ENV.values() if env in source})
+    except SettingsError:
+        raise
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            variable = _FIELD_TO_ENV.get(field, field)
+            message = "is required" if error["type"] == "missing" else error["msg"]
+            if isinstance(error.get("ctx", {}).get("error"), SettingsError):
+                problems.append(str(error["ctx"]["error"]))
+                continue
+            problems.append(f"{variable}: {message.removeprefix('Value error, ')}")
+        raise SettingsError("; ".join(problems)) from None

@@ -1,0 +1,1 @@
+"""Metrics, logging, and the Grafana dashboard and alert rules as files."""

@@ -1,0 +1,108 @@
+"""Prometheus metrics for every part of Switchboard.
+
+Under gunicorn with several workers (and Celery's prefork pool) each process
+keeps its own values; with `PROMETHEUS_MULTIPROC_DIR` set, prometheus-client
+writes them to files there and `render_metrics` aggregates all processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HTTP_REQUESTS = Counter(
+    "switchboard_http_requests_total",
+    "HTTP requests answered, by route template and status.",
+    ["method", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "switchboard_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template.",
+    ["method", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+TASKS = Counter(
+    "switchboard_tasks_total",
+    "Celery task runs by outcome: succeeded, retried, failed (permanent or out of retries).",
+    ["task", "outcome"],
+)
+TASK_LATENCY = Histogram(
+    "switchboard_task_duration_seconds",
+    "Time a task run took, by task.",
+    ["task"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class QueueDepthCollector(Collector):
+    """Reads the Celery queues' lengths from the broker when Prometheus scrapes."""
+
+    def __init__(self, read_depths: Callable[[], dict[str, int]]) -> None:
+        self._read_depths = read_depths
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "switchboard_queue_depth", "Tasks waiting in each Celery queue.", labels=["queue"]
+        )
+        try:
+            depths = self._read_depths()
+        except Exception:
+            depths = {}
+        for queue, depth in depths.items():
+            family.add_metric([queue], depth)
+        yield family
+
+
+def build_registry(extra_collectors: Iterable[Collector] = ()) -> CollectorRegistry:
+    """The registry `/metrics` renders: every process's values in multiprocess mode."""
+    if multiprocess_enabled():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = CollectorRegistry()
+        registry.register(_DefaultRegistryProxy())
+    for collector in extra_collectors:
+        registry.register(collector)
+    return registry
+
+
+class _DefaultRegistryProxy(Collector):
+    """Lets a per-app registry include the process-wide default metrics."""
+
+    def collect(self) -> Iterable:
+        return REGISTRY.collect()
+
+
+def render_metrics(registry: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+__all__ = [
+    "HTTP_LATENCY",
+    "HTTP_REQUESTS",
+    "TASKS",
+    "TASK_LATENCY",
+    "Gauge",
+    "QueueDepthCollector",
+    "build_registry",
+    "render_metrics",
+]

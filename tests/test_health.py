@@ -1,0 +1,56 @@
+"""Liveness, readiness naming what is down, and Prometheus metrics."""
+
+from __future__ import annotations
+
+from app import create_app
+from app.embedded import RedisServer
+from tests.conftest import settings_for
+
+
+def test_health(client):
+    response = client.get("/health")
+    assert (response.status_code, response.json) == (200, {"status": "ok"})
+
+
+def test_ready_when_everything_answers(client):
+    response = client.get("/health/ready")
+    assert response.status_code == 200
+    assert response.json["checks"] == {"database": "ok", "redis": "ok", "broker": "ok"}
+
+
+def test_ready_reports_a_stopped_redis(database_url, tmp_path, clean_state):
+    # A Redis of this test's own, so stopping it disturbs nothing else.
+    server = RedisServer(tmp_path / "redis").start()
+    app = create_app(settings_for(database_url, server.url))
+    try:
+        assert app.test_client().get("/health/ready").status_code == 200
+        server.stop()
+        response = app.test_client().get("/health/ready")
+    finally:
+        server.stop()
+        app.extensions["switchboard.db"].dispose()
+    assert response.status_code == 503
+    assert response.json["checks"]["redis"].startswith("down")
+    assert response.json["checks"]["database"] == "ok"
+    assert response.json["error"]["code"] == "not_ready"
+    assert "redis is down" in response.json["error"]["message"]
+
+
+def test_ready_reports_a_database_that_is_down(redis_url, clean_state):
+    app = create_app(settings_for("postgresql://postgres@127.0.0.1:1/nothing", redis_url))
+    response = app.test_client().get("/health/ready")
+    assert response.status_code == 503
+    assert response.json["checks"]["database"].startswith("down")
+
+
+def test_metrics_count_requests_by_route_template(client, make_user, auth):
+    alice = make_user("alice")
+    client.get("/v1/me", headers=auth(alice))
+    client.get("/v1/admin/users/x")  # 405, no GET
+    client.get("/no/such/path")
+    body = client.get("/metrics").get_data(as_text=True)
+    assert 'switchboard_http_requests_total{method="GET",route="/v1/me",status="200"}' in body
+    assert 'route="<unmatched>",status="405"' in body
+    assert 'route="<unmatched>",status="404"' in body
+    assert "switchboard_http_request_duration_seconds_bucket" in body
+    assert 'switchboard_queue_depth{queue="direct"} 0.0' in body

@@ -1,0 +1,194 @@
+"""The Celery app, created unbound and configured by `init_celery` in the app factory,
+and the one task base class every task uses.
+
+The base class runs each task inside the Flask app context and one database
+transaction (committed when the task returns, rolled back when it raises),
+retries retryable errors with exponential backoff and full jitter, fails
+permanent ones at once, and records metrics. Tasks take ids, never ORM objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import redis.exceptions
+import sqlalchemy.exc
+from celery import Celery, Task
+from celery.exceptions import Retry
+from kombu import Queue
+from sqlalchemy.orm import Session
+
+from app.db import after_commit
+from monitoring.logging import request_id_var
+from monitoring.metrics import TASK_LATENCY, TASKS
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from app.settings import Settings
+
+log = logging.getLogger(__name__)
+_task_session: ContextVar[Session | None] = ContextVar("task_session", default=None)
+
+DIRECT_QUEUE = "direct"
+BROADCAST_QUEUE = "broadcast"
+DEFAULT_QUEUE = "default"
+QUEUES = (DIRECT_QUEUE, BROADCAST_QUEUE, DEFAULT_QUEUE)
+
+
+class RetryableError(Exception):
+    """A transient failure (a lost connection, a lock timeout): try again later."""
+
+
+class PermanentError(Exception):
+    """The task can never succeed with these arguments: do not retry."""
+
+
+# Errors that say "try again" rather than "this is wrong": connection losses,
+# serialization failures and deadlocks, and races on unique keys that the retry resolves.
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    RetryableError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.IntegrityError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+def backoff_seconds(retries: int, *, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**retries)]."""
+    return random.uniform(0, min(cap, base * (2**retries)))
+
+
+class SwitchboardTask(Task):
+    """Base class of every Switchboard task (use with `bind=True`)."""
+
+    abstract = True
+    max_retries = 8
+    retry_backoff_base = 0.5
+    retry_backoff_cap = 120.0  # stays well under the broker's visibility timeout
+    ignore_result = True
+
+    @property
+    def session(self) -> Session:
+        """The session of the running task's transaction."""
+        current = _task_session.get()
+        if current is None:
+            raise RuntimeError("task.session is only available while the task runs")
+        return current
+
+    def apply_async(self, args=None, kwargs=None, **options):  # type: ignore[override]
+        request_id = request_id_var.get()
+        if request_id:
+            options.setdefault("headers", {}).setdefault("request_id", request_id)
+        return super().apply_async(args, kwargs, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flask_app: Flask = self.app.flask_app  # type: ignore[attr-defined]
+        request_id = getattr(self.request, "request_id", None) or self.request.id
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        try:
+            with flask_app.app_context():
+                return self._run_in_transaction(flask_app, args, kwargs)
+        finally:
+            TASK_LATENCY.labels(self.name).observe(time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    def _run_in_transaction(self, flask_app: Flask, args: tuple, kwargs: dict) -> Any:
+        database = flask_app.extensions["switchboard.db"]
+        try:
+            with database.transaction() as session:
+                # A context variable, not an attribute: one task instance serves
+                # every thread of a threads pool at once.
+                token = _task_session.set(session)
+                try:
+                    result = self.run(*args, **kwargs)
+                finally:
+                    _task_session.reset(token)
+        except Retry:
+            TASKS.labels(self.name, "retried").inc()
+            raise
+        except PermanentError:
+            TASKS.labels(self.name, "failed").inc()
+            log.exception("task %s failed permanently", self.name)
+            raise
+        except RETRYABLE_ERRORS as exc:
+            if self.request.retries >= self.max_retries:
+                TASKS.labels(self.name, "failed").inc()
+                log.error(
+                    "task %s gave up after %d retries: %r", self.name, self.request.retries, exc
+                )
+                raise
+            countdown = backoff_seconds(
+                self.request.retries, base=self.retry_backoff_base, cap=self.retry_backoff_cap
+            )
+            log.warning(
+                "task %s hit a transient error, retry %d in %.2fs: %r",
+                self.name,
+                self.request.retries + 1,
+                countdown,
+                exc,
+            )
+            TASKS.labels(self.name, "retried").inc()
+            raise self.retry(exc=exc, countdown=countdown) from exc
+        except Exception:
+            TASKS.labels(self.name, "failed").inc()
+            raise
+        TASKS.labels(self.name, "succeeded").inc()
+        return result
+
+
+celery = Celery("switchboard", task_cls=SwitchboardTask, set_as_current=False)
+
+
+def init_celery(flask_app: Flask, settings: Settings) -> Celery:
+    """Configure the Celery app from the settings and bind it to `flask_app`."""
+    celery.conf.update(
+        broker_url=settings.celery_broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # A task not acknowledged within this time is handed to another worker;
+            # it must exceed the longest task and the longest retry countdown.
+            "visibility_timeout": settings.task_visibility_timeout,
+        },
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_soft_time_limit=min(120, settings.task_visibility_timeout // 2),
+        task_time_limit=min(150, settings.task_visibility_timeout - 30),
+        task_default_queue=DEFAULT_QUEUE,
+        task_queues=[Queue(name) for name in QUEUES],
+        task_routes={
+            "switchboard.direct.*": {"queue": DIRECT_QUEUE},
+            "switchboard.broadcast.*": {"queue": BROADCAST_QUEUE},
+        },
+        timezone="UTC",
+        enable_utc=True,
+        worker_hijack_root_logger=False,
+    )
+    from schedules import BEAT_SCHEDULE
+
+    celery.conf.beat_schedule = BEAT_SCHEDULE
+    celery.flask_app = flask_app  # type: ignore[attr-defined]
+    flask_app.extensions["celery"] = celery
+    # Importing registers the tasks with the app.
+    import schedules.jobs  # noqa: F401
+    import workers.tasks  # noqa: F401
+
+    return celery
+
+
+def enqueue_after_commit(session: Session, task: Task, *args: Any, **options: Any) -> None:
+    """Send `task` once the session's transaction has committed, never before."""
+    after_commit(session, lambda: task.apply_async(args=args, **options))
