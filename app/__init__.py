@@ -22,6 +22,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.auth import TokenVerifier
     from app.db import Database
     from app.errors import register_error_handlers
+    from app.events import PUBLISHER_KEY, RedisPublisher
     from app.policy import load_policy
     from app.web import install_request_hooks
     from monitoring.logging import configure_logging
@@ -39,11 +40,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     redis_client = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
     )
+    database = Database(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        info={PUBLISHER_KEY: RedisPublisher(redis_client)},
+    )
     app.extensions.update(
         {
             "switchboard.settings": settings,
             "switchboard.policy": policy,
-            "switchboard.db": Database(settings.database_url, pool_size=settings.db_pool_size),
+            "switchboard.db": database,
             "switchboard.redis": redis_client,
             "switchboard.tokens": TokenVerifier(settings),
         }

@@ -30,9 +30,11 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 class Database:
     """Owns the engine and the session factory of one process."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, info: dict | None = None) -> None:
         self.engine = make_engine(url, pool_size=pool_size)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # `info` is copied into every session: how services reach process-wide helpers
+        # (the event publisher) without importing Flask.
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False, info=info or {})
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -47,6 +47,20 @@ TASK_LATENCY = Histogram(
     ["task"],
     buckets=LATENCY_BUCKETS,
 )
+EVENTS_APPENDED = Counter(
+    "switchboard_events_appended_total",
+    "Events written to users' event logs, by type.",
+    ["type"],
+)
+EVENT_PUBLISH_FAILURES = Counter(
+    "switchboard_event_publish_failures_total",
+    "Committed events that could not be announced on Redis (clients replay them from the log).",
+)
+MESSAGES = Counter(
+    "switchboard_messages_total",
+    "Direct messages decided by the worker: stored, rejected (by reason) or duplicate.",
+    ["outcome"],
+)
 
 
 def multiprocess_enabled() -> bool:

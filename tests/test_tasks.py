@@ -9,6 +9,7 @@ from sqlalchemy import select
 from app.db import after_commit
 from app.models import AuditLog, Tenant
 from monitoring.metrics import TASKS
+from tests.helpers import wait_for
 from workers.celery_app import PermanentError, RetryableError, celery, enqueue_after_commit
 
 ATTEMPTS: dict[str, int] = {}
@@ -55,16 +56,6 @@ def record_request_id(task, key: str) -> None:
             detail={"request_id": request_id_var.get()},
         )
     )
-
-
-def wait_for(predicate, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def audit_rows(app, key):

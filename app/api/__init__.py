@@ -7,9 +7,15 @@ from flask import Flask
 
 def register_blueprints(app: Flask) -> None:
     from app.api.admin import blueprint as admin
+    from app.api.conversations import blueprint as conversations
     from app.api.health import blueprint as health
     from app.api.me import blueprint as me
+    from app.api.messages import blueprint as messages
+    from app.api.people import blueprint as people
 
     app.register_blueprint(health)
     app.register_blueprint(admin)
     app.register_blueprint(me)
+    app.register_blueprint(conversations)
+    app.register_blueprint(messages)
+    app.register_blueprint(people)

@@ -1,0 +1,304 @@
+"""Direct messages: the send decision (pre-check in the API, authoritative in the
+worker), storing a send exactly once, history, status and the sender's delete."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.events import append_events
+from app.models import AuditLog, Conversation, Message, Participant, User
+from app.policy import ALLOW, Decision, Policy
+from app.problems import Forbidden, NotFound
+from app.services.access import (
+    actor,
+    is_blocked,
+    member_conversation,
+    other_participants,
+    parse_uuid,
+)
+from monitoring.metrics import MESSAGES
+
+# Names the messages of one sender: a retried send with the same client id gets the same id.
+log = logging.getLogger(__name__)
+
+MESSAGE_ID_NAMESPACE = uuid.UUID("6b1f4f0e-2f55-4a55-9d38-5b6c1d1c8a11")
+
+
+def message_id_for(sender_id: str, client_id: str) -> uuid.UUID:
+    return uuid.uuid5(MESSAGE_ID_NAMESPACE, f"{sender_id}\x1f{client_id}")
+
+
+def body_digest(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommand:
+    """What the API hands the worker: plain data, JSON-serialisable."""
+
+    message_id: str
+    conversation_id: str
+    sender_id: str
+    client_id: str
+    body: str
+    accepted_at: str
+
+    def as_task_argument(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def decide_send(
+    session: Session, policy: Policy, sender: User, conversation_id: uuid.UUID, body: str
+) -> Decision:
+    """May `sender` send `body` in this conversation? The API's pre-check and the
+    worker's authoritative check both ask this."""
+    body_check = policy.check_body(body)
+    if not body_check:
+        return body_check
+    for recipient in other_participants(session, conversation_id, sender.id):
+        decision = policy.may_reply(
+            actor(sender),
+            actor(recipient),
+            blocked_by_recipient=is_blocked(session, recipient.id, sender.id),
+        )
+        if not decision:
+            return decision
+    return ALLOW
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    message: Message | None
+    outcome: str  # "stored", "rejected", "duplicate" or "dropped"
+
+
+def store_message(session: Session, policy: Policy, command: SendCommand) -> StoreResult:
+    """Decide and store one send, exactly once however often it is run.
+
+    In one transaction: lock the conversation (sends in one conversation take turns,
+    so their timestamps follow commit order), re-check the policy, insert the message
+    (or a rejection), move the conversation's activity, bump the recipients' unread
+    counts and append the events.
+    """
+    message_id = uuid.UUID(command.message_id)
+    existing = session.get(Message, message_id)
+    if existing is not None:
+        MESSAGES.labels("duplicate").inc()
+        return StoreResult(existing, "duplicate")
+
+    sender = session.get(User, command.sender_id)
+    conversation = session.scalars(
+        select(Conversation)
+        .where(Conversation.id == uuid.UUID(command.conversation_id))
+        .with_for_update()
+    ).first()
+    if sender is None or conversation is None:
+        # The API checked both before enqueueing and neither is ever deleted, so this
+        # is a task forged or replayed from elsewhere: nothing to attach a row to.
+        log.warning("dropping send %s: sender or conversation missing", command.message_id)
+        MESSAGES.labels("dropped").inc()
+        return StoreResult(None, "dropped")
+
+    if session.get(Participant, (conversation.id, sender.id)) is None:
+        decision = Decision(False, "conversation_not_found", "You are not in this conversation.")
+    else:
+        decision = decide_send(session, policy, sender, conversation.id, command.body)
+
+    now = session.scalar(select(func.clock_timestamp()))
+    values: dict[str, Any] = {
+        "id": message_id,
+        "tenant_id": sender.tenant_id,
+        "conversation_id": conversation.id,
+        "sender_id": sender.id,
+        "client_id": command.client_id,
+        "body_sha256": body_digest(command.body),
+        "created_at": now,
+    }
+    if decision:
+        values |= {
+            "body": command.body,
+            "status": "stored",
+            "expires_at": policy.message_expiry(now, sender.tier),
+        }
+    else:
+        values |= {"body": None, "status": "rejected", "rejection_reason": decision.rule}
+
+    inserted = session.execute(
+        insert(Message)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["sender_id", "client_id"])
+        .returning(Message.id)
+    ).first()
+    if inserted is None:
+        MESSAGES.labels("duplicate").inc()
+        return StoreResult(session.get_one(Message, message_id), "duplicate")
+    message = session.get_one(Message, message_id)
+
+    if not decision:
+        append_events(session, [sender.id], "message.rejected", _rejection_data(command, decision))
+        MESSAGES.labels("rejected").inc()
+        return StoreResult(message, "rejected")
+
+    conversation.last_activity_at = now
+    conversation.last_message_id = message.id
+    session.execute(
+        update(Participant)
+        .where(Participant.conversation_id == conversation.id)
+        .values(
+            last_activity_at=now,
+            unread_count=Participant.unread_count
+            + (Participant.user_id != sender.id).cast(Participant.unread_count.type),
+        )
+    )
+    recipients = session.scalars(
+        select(Participant.user_id).where(Participant.conversation_id == conversation.id)
+    ).all()
+    append_events(
+        session,
+        recipients,
+        "message.created",
+        message_json(message) | {"accepted_at": command.accepted_at},
+    )
+    MESSAGES.labels("stored").inc()
+    return StoreResult(message, "stored")
+
+
+def _rejection_data(command: SendCommand, decision: Decision) -> dict[str, Any]:
+    return {
+        "id": command.message_id,
+        "conversation_id": command.conversation_id,
+        "client_id": command.client_id,
+        "reason": decision.rule,
+        "message": decision.reason,
+    }
+
+
+def visible_message(session: Session, user: User, message_id: str) -> Message:
+    """A message in one of the user's conversations (a rejected one only to its sender)."""
+    message = session.scalars(
+        select(Message)
+        .join(Participant, Participant.conversation_id == Message.conversation_id)
+        .where(
+            Message.id == parse_uuid(message_id, "message"),
+            Message.tenant_id == user.tenant_id,
+            Participant.user_id == user.id,
+        )
+    ).first()
+    if message is None or (message.status == "rejected" and message.sender_id != user.id):
+        raise NotFound("No such message.", code="message_not_found")
+    return message
+
+
+def history(
+    session: Session, user: User, conversation_id: str, *, limit: int, before: str | None
+) -> dict[str, Any]:
+    """Messages newest first; `before` is a message id (the previous page's `next_cursor`)."""
+    conversation, _ = member_conversation(session, user, conversation_id)
+    query = (
+        select(Message)
+        .where(Message.conversation_id == conversation.id, Message.status == "stored")
+        .order_by(Message.created_at.desc(), Message.id.desc())
+        .limit(limit + 1)
+    )
+    if before:
+        anchor = session.scalars(
+            select(Message).where(
+                Message.conversation_id == conversation.id,
+                Message.id == parse_uuid(before, "message"),
+            )
+        ).first()
+        if anchor is None:
+            raise NotFound(
+                "before: no such message in this conversation.", code="message_not_found"
+            )
+        query = query.where(
+            tuple_(Message.created_at, Message.id) < tuple_(anchor.created_at, anchor.id)
+        )
+    rows = list(session.scalars(query))
+    page = rows[:limit]
+    return {
+        "items": [message_json(m) for m in page],
+        "next_cursor": str(page[-1].id) if len(rows) > limit else None,
+    }
+
+
+def delete_own_message(session: Session, user: User, message_id: str) -> Message:
+    """The sender soft-deletes their message: its body goes, a placeholder stays."""
+    message = visible_message(session, user, message_id)
+    if message.sender_id != user.id:
+        raise Forbidden("Only the sender may delete a message.", code="not_sender")
+    if message.status != "stored":
+        raise NotFound("No such message.", code="message_not_found")
+    # Take the conversation's lock, as sends do, so unread counts move in one order.
+    session.execute(
+        select(Conversation.id).where(Conversation.id == message.conversation_id).with_for_update()
+    )
+    session.refresh(message, with_for_update=True)
+    if message.deleted_at is not None:
+        return message
+    now = session.scalar(select(func.clock_timestamp()))
+    message.deleted_at, message.deleted_by = now, user.id
+    message.delete_reason, message.body = "deleted_by_sender", None
+    # Recipients who had not read it yet have one unread message fewer.
+    session.execute(
+        update(Participant)
+        .where(
+            Participant.conversation_id == message.conversation_id,
+            Participant.user_id != user.id,
+            Participant.unread_count > 0,
+            (Participant.last_read_at.is_(None))
+            | (
+                tuple_(Participant.last_read_at, Participant.last_read_message_id)
+                < tuple_(message.created_at, message.id)
+            ),
+        )
+        .values(unread_count=Participant.unread_count - 1)
+    )
+    session.add(
+        AuditLog(
+            tenant_id=user.tenant_id,
+            actor_id=user.id,
+            action="message.deleted",
+            target_type="message",
+            target_id=str(message.id),
+            detail={"reason": "deleted_by_sender"},
+        )
+    )
+    recipients = session.scalars(
+        select(Participant.user_id).where(Participant.conversation_id == message.conversation_id)
+    ).all()
+    append_events(session, recipients, "message.deleted", message_json(message))
+    return message
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    deleted = None
+    if message.deleted_at is not None:
+        deleted = {"at": _iso(message.deleted_at), "reason": message.delete_reason}
+    data: dict[str, Any] = {
+        "id": str(message.id),
+        "conversation_id": str(message.conversation_id),
+        "sender_id": message.sender_id,
+        "client_id": message.client_id,
+        "status": message.status,
+        "body": message.body if message.deleted_at is None else None,
+        "created_at": _iso(message.created_at),
+        "expires_at": _iso(message.expires_at),
+        "deleted": deleted,
+    }
+    if message.status == "rejected":
+        data["reason"] = message.rejection_reason
+    return data
