@@ -24,6 +24,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.errors import register_error_handlers
     from app.events import PUBLISHER_KEY, RedisPublisher
     from app.policy import load_policy
+    from app.stream.hub import Hub
+    from app.stream.log import EventLog
     from app.web import install_request_hooks
     from monitoring.logging import configure_logging
     from monitoring.metrics import QueueDepthCollector, build_registry
@@ -36,6 +38,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.json.sort_keys = False
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    app.config["SOCK_SERVER_OPTIONS"] = {
+        "ping_interval": settings.stream_ping_interval,
+        "max_message_size": settings.stream_max_frame_bytes,
+    }
 
     redis_client = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
@@ -52,6 +58,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             "switchboard.db": database,
             "switchboard.redis": redis_client,
             "switchboard.tokens": TokenVerifier(settings),
+            "switchboard.hub": Hub(settings.redis_url),
+            "switchboard.event_log": EventLog(database.sessions),
         }
     )
     celery = init_celery(app, settings)

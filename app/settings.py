@@ -78,6 +78,30 @@ class Settings(BaseModel):
     task_visibility_timeout: int = Field(
         default=300, ge=30, le=86400, validation_alias=_env("SWITCHBOARD_TASK_VISIBILITY_TIMEOUT")
     )
+    stream_queue_size: int = Field(
+        default=256, ge=1, le=100_000, validation_alias=_env("SWITCHBOARD_STREAM_QUEUE_SIZE")
+    )
+    stream_ping_interval: float = Field(
+        default=25.0, gt=0, le=600, validation_alias=_env("SWITCHBOARD_STREAM_PING_INTERVAL")
+    )
+    stream_max_frame_bytes: int = Field(
+        default=4096,
+        ge=256,
+        le=1_048_576,
+        validation_alias=_env("SWITCHBOARD_STREAM_MAX_FRAME_BYTES"),
+    )
+    stream_send_buffer_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        le=16_777_216,
+        validation_alias=_env("SWITCHBOARD_STREAM_SEND_BUFFER_BYTES"),
+    )
+    stream_slow_consumer_grace: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        validation_alias=_env("SWITCHBOARD_STREAM_SLOW_CONSUMER_GRACE_SECONDS"),
+    )
     worker_metrics_port: int | None = Field(
         default=None, ge=1, le=65535, validation_alias=_env("SWITCHBOARD_WORKER_METRICS_PORT")
     )
@@ -97,7 +121,14 @@ class Settings(BaseModel):
         return value
 
     @field_validator(
-        "jwt_secret", "jwt_public_key", "jwt_issuer", "jwt_audience", "broker_url", mode="before"
+        "jwt_secret",
+        "jwt_public_key",
+        "jwt_issuer",
+        "jwt_audience",
+        "broker_url",
+        "worker_metrics_port",
+        "stream_send_buffer_bytes",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -61,6 +61,38 @@ MESSAGES = Counter(
     "Direct messages decided by the worker: stored, rejected (by reason) or duplicate.",
     ["outcome"],
 )
+SOCKETS_OPEN = Gauge(
+    "switchboard_sockets_open",
+    "Open WebSocket streams.",
+    multiprocess_mode="livesum",
+)
+EVENTS_DELIVERED = Counter(
+    "switchboard_events_delivered_total",
+    "Frames written to sockets, by event type (replayed ones included).",
+    ["type"],
+)
+EVENTS_REPLAYED = Counter(
+    "switchboard_events_replayed_total",
+    "Events read back from the log for a socket that had missed them.",
+)
+SLOW_CONSUMER_DISCONNECTS = Counter(
+    "switchboard_slow_consumer_disconnects_total",
+    "Sockets closed because their client did not read fast enough.",
+)
+STREAM_CLOSES = Counter(
+    "switchboard_stream_closes_total",
+    "Sockets closed by the server, by close code.",
+    ["code"],
+)
+HUB_SUBSCRIPTIONS = Counter(
+    "switchboard_hub_subscriptions_total",
+    "Times a web process (re)subscribed to the Redis events channel.",
+)
+DELIVERY_LATENCY = Histogram(
+    "switchboard_delivery_latency_seconds",
+    "Time from the API accepting a send to the socket write of its message.created frame.",
+    buckets=LATENCY_BUCKETS,
+)
 
 
 def multiprocess_enabled() -> bool:

@@ -12,6 +12,8 @@ def register_blueprints(app: Flask) -> None:
     from app.api.me import blueprint as me
     from app.api.messages import blueprint as messages
     from app.api.people import blueprint as people
+    from app.api.stream import blueprint as stream
+    from app.api.stream import sock
 
     app.register_blueprint(health)
     app.register_blueprint(admin)
@@ -19,3 +21,5 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(conversations)
     app.register_blueprint(messages)
     app.register_blueprint(people)
+    app.register_blueprint(stream)
+    sock.init_app(app)

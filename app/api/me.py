@@ -13,4 +13,7 @@ blueprint = Blueprint("me", __name__, url_prefix="/v1")
 
 @blueprint.get("/me")
 def me() -> ResponseReturnValue:
-    return user_json(current_user())
+    """My profile and `last_event_id`: a client loads its state over HTTP after reading
+    this, then opens the stream with `?last_event_id=` to get everything since."""
+    user = current_user()
+    return user_json(user) | {"last_event_id": user.last_event_seq}

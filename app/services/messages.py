@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import case, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -84,10 +84,10 @@ class StoreResult:
 def store_message(session: Session, policy: Policy, command: SendCommand) -> StoreResult:
     """Decide and store one send, exactly once however often it is run.
 
-    In one transaction: lock the conversation (sends in one conversation take turns,
-    so their timestamps follow commit order), re-check the policy, insert the message
-    (or a rejection), move the conversation's activity, bump the recipients' unread
-    counts and append the events.
+    In one transaction: lock the conversation (sends in one conversation take turns),
+    re-check the policy, insert the message (or a rejection) at the time the API
+    accepted it, move the conversation's activity, bump the unread counts of the
+    recipients who have not read past it and append the events.
     """
     message_id = uuid.UUID(command.message_id)
     existing = session.get(Message, message_id)
@@ -113,7 +113,7 @@ def store_message(session: Session, policy: Policy, command: SendCommand) -> Sto
     else:
         decision = decide_send(session, policy, sender, conversation.id, command.body)
 
-    now = session.scalar(select(func.clock_timestamp()))
+    now = _accepted_time(command) or session.scalar(select(func.clock_timestamp()))
     values: dict[str, Any] = {
         "id": message_id,
         "tenant_id": sender.tenant_id,
@@ -148,15 +148,26 @@ def store_message(session: Session, policy: Policy, command: SendCommand) -> Sto
         MESSAGES.labels("rejected").inc()
         return StoreResult(message, "rejected")
 
-    conversation.last_activity_at = now
-    conversation.last_message_id = message.id
+    # Sends can be stored out of their acceptance order (workers run side by side), so
+    # "latest" and "unread" compare positions rather than trusting arrival order.
+    if conversation.last_message_id is None or conversation.last_activity_at <= now:
+        conversation.last_activity_at = now
+        conversation.last_message_id = message.id
+    position = tuple_(message.created_at, message.id)
+    unread_for_recipient = case(
+        (Participant.user_id == sender.id, 0),
+        (Participant.last_read_at.is_(None), 1),
+        (tuple_(Participant.last_read_at, Participant.last_read_message_id) < position, 1),
+        else_=0,
+    )
+    # One statement: if a concurrent read moved a read position first, PostgreSQL
+    # re-evaluates this against the updated row, so the count stays exact.
     session.execute(
         update(Participant)
         .where(Participant.conversation_id == conversation.id)
         .values(
-            last_activity_at=now,
-            unread_count=Participant.unread_count
-            + (Participant.user_id != sender.id).cast(Participant.unread_count.type),
+            last_activity_at=func.greatest(Participant.last_activity_at, now),
+            unread_count=Participant.unread_count + unread_for_recipient,
         )
     )
     recipients = session.scalars(
@@ -170,6 +181,16 @@ def store_message(session: Session, policy: Policy, command: SendCommand) -> Sto
     )
     MESSAGES.labels("stored").inc()
     return StoreResult(message, "stored")
+
+
+def _accepted_time(command: SendCommand) -> datetime | None:
+    """When the API accepted the send: a message's place in its conversation is the
+    moment its sender pressed send, not the moment a worker got to it."""
+    try:
+        accepted = datetime.fromisoformat(command.accepted_at)
+    except (TypeError, ValueError):
+        return None
+    return accepted if accepted.tzinfo is not None else None
 
 
 def _rejection_data(command: SendCommand, decision: Decision) -> dict[str, Any]:

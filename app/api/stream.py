@@ -1,0 +1,187 @@
+"""`WebSocket /v1/stream`: the user's events, live, resumable from `last_event_id`.
+
+Close codes: 4001 no or bad token (the reason names the problem), 4002 the token
+expired while connected, 4400 bad `last_event_id`, 4008 too slow to read its events,
+1009 a frame larger than SWITCHBOARD_STREAM_MAX_FRAME_BYTES, 1008 no pong to our pings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from flask import Blueprint, current_app, request
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed
+from sqlalchemy import select
+
+from app.auth import load_user, parse_bearer
+from app.events import EVENTS_CHANNEL
+from app.models import Participant
+from app.problems import ApiError
+from app.stream.connection import (
+    CLOSE_BAD_REQUEST,
+    CLOSE_NORMAL,
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_UNAUTHORIZED,
+    StreamConnection,
+)
+from app.stream.sockets import serialize_writes
+
+blueprint = Blueprint("stream", __name__, url_prefix="/v1")
+sock = Sock()
+
+TYPING_INTERVAL_SECONDS = 2.0
+MEMBERSHIP_CACHE_SECONDS = 30.0
+
+
+def _close(ws: Any, code: int, reason: str) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        ws.close(reason=code, message=reason[:120])
+
+
+def _error_frame(code: str, message: str) -> dict[str, Any]:
+    return {"id": None, "type": "error", "data": {"code": code, "message": message}}
+
+
+class TypingRelay:
+    """Relays a member's typing to the conversation's other members, at most once per
+    TYPING_INTERVAL_SECONDS per conversation; never stored."""
+
+    def __init__(self, user_id: str, tenant_id: str) -> None:
+        self.user_id, self.tenant_id = user_id, tenant_id
+        self._others: dict[uuid.UUID, tuple[float, list[str]]] = {}
+        self._last_sent: dict[uuid.UUID, float] = {}
+
+    def _recipients(self, conversation_id: uuid.UUID) -> list[str] | None:
+        cached = self._others.get(conversation_id)
+        if cached and time.monotonic() - cached[0] < MEMBERSHIP_CACHE_SECONDS:
+            return cached[1]
+        with current_app.extensions["switchboard.db"].sessions() as session:
+            members = list(
+                session.scalars(
+                    select(Participant.user_id).where(
+                        Participant.conversation_id == conversation_id
+                    )
+                )
+            )
+        if self.user_id not in members:
+            return None
+        others = [member for member in members if member != self.user_id]
+        self._others[conversation_id] = (time.monotonic(), others)
+        return others
+
+    def handle(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+        """Relay a typing frame; returns an error frame for the sender, or None."""
+        raw_id = frame.get("conversation_id")
+        try:
+            conversation_id = uuid.UUID(raw_id) if isinstance(raw_id, str) else None
+        except ValueError:
+            conversation_id = None
+        if conversation_id is None:
+            return _error_frame("invalid_frame", "typing needs a conversation_id (a UUID).")
+        others = self._recipients(conversation_id)
+        if others is None:
+            return _error_frame("conversation_not_found", "No such conversation.")
+        now = time.monotonic()
+        if now - self._last_sent.get(conversation_id, 0.0) < TYPING_INTERVAL_SECONDS:
+            return None  # rate-limited: typing is a hint, dropping repeats loses nothing
+        self._last_sent[conversation_id] = now
+        client = current_app.extensions["switchboard.redis"]
+        data = {"conversation_id": str(conversation_id), "user_id": self.user_id}
+        pipeline = client.pipeline(transaction=False)
+        for other in others:
+            pipeline.publish(
+                EVENTS_CHANNEL,
+                json.dumps({"user_id": other, "id": None, "type": "typing", "data": data}),
+            )
+        pipeline.execute()
+        return None
+
+
+@sock.route("/stream", bp=blueprint)
+def stream(ws: Any) -> None:
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    settings = app.extensions["switchboard.settings"]
+
+    header = request.headers.get("Authorization")
+    token = request.args.get("token")
+    try:
+        raw = parse_bearer(header) if header or not token else token
+        claims = app.extensions["switchboard.tokens"].verify(raw)
+        with app.extensions["switchboard.db"].sessions() as session:
+            user = load_user(session, claims)
+            user_id, tenant_id = user.id, user.tenant_id
+    except ApiError as exc:
+        _close(ws, CLOSE_UNAUTHORIZED, f"{exc.code}: {exc.message}")
+        return
+
+    last_event_id: int | None = None
+    raw_last = request.args.get("last_event_id")
+    if raw_last not in (None, ""):
+        if not raw_last.isdigit() or len(raw_last) > 18:
+            _close(ws, CLOSE_BAD_REQUEST, "invalid_last_event_id: must be a non-negative integer")
+            return
+        last_event_id = int(raw_last)
+
+    serialize_writes(ws, settings.stream_slow_consumer_grace)
+    if settings.stream_send_buffer_bytes:
+        ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.stream_send_buffer_bytes)
+
+    hub = app.extensions["switchboard.hub"]
+    hub.ensure_started()
+    connection = StreamConnection(
+        ws,
+        user_id,
+        app.extensions["switchboard.event_log"],
+        last_event_id=last_event_id,
+        queue_size=settings.stream_queue_size,
+    )
+    # Registered before the writer reads the log: an event committed after that read
+    # is announced after registration, so it reaches the queue; none falls in between.
+    hub.register(connection)
+    writer = threading.Thread(target=connection.run_writer, name=f"stream-{user_id}", daemon=True)
+    writer.start()
+    typing = TypingRelay(user_id, tenant_id)
+    expires_at = time.monotonic() + max(0.0, claims.expires_at.timestamp() - time.time())
+    try:
+        while not connection.finished.is_set():
+            remaining = expires_at - time.monotonic()
+            if remaining <= 0:
+                connection.request_close(
+                    CLOSE_TOKEN_EXPIRED, "token_expired: reconnect with a fresh token"
+                )
+                break
+            data = ws.receive(timeout=min(remaining, 60.0))
+            if data is None:
+                continue
+            reply = handle_client_frame(typing, data)
+            if reply is not None:
+                connection.send_frame(reply)
+    except ConnectionClosed:
+        pass
+    finally:
+        hub.unregister(connection)
+        connection.request_close(CLOSE_NORMAL, "")
+        writer.join(timeout=settings.stream_slow_consumer_grace + 1)
+
+
+def handle_client_frame(typing: TypingRelay, data: str | bytes) -> dict[str, Any] | None:
+    """The answer to one client frame: None, or an error frame naming the problem."""
+    try:
+        frame = json.loads(data)
+    except (ValueError, TypeError):
+        return _error_frame("invalid_frame", "Frames must be JSON objects.")
+    if not isinstance(frame, dict):
+        return _error_frame("invalid_frame", "Frames must be JSON objects.")
+    if frame.get("type") == "typing":
+        return typing.handle(frame)
+    return _error_frame(
+        "unknown_frame_type",
+        "The only frame a client may send is {type: 'typing', conversation_id}.",
+    )

@@ -1,0 +1,1 @@
+"""Real-time delivery: one hub per web process, one connection object per socket."""

@@ -1,0 +1,349 @@
+"""The stream against a live system: the Procfile's gunicorn web line (twice, for two web
+processes) and its Celery worker line, real sockets, real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import delete
+from sqlalchemy.engine import make_url
+
+from app.auth import mint_token
+from app.embedded import RedisServer
+from app.models import UserEvent
+from tests.conftest import JWT_SECRET, SERVICE_TOKEN
+from tests.helpers import wait_for
+from tests.live import LiveSystem, RawStream, Stream, http
+
+STREAM_SETTINGS = {
+    # Small buffers so that a client that stops reading is found out quickly.
+    "SWITCHBOARD_STREAM_QUEUE_SIZE": "16",
+    "SWITCHBOARD_STREAM_SEND_BUFFER_BYTES": "4096",
+    "SWITCHBOARD_STREAM_SLOW_CONSUMER_GRACE_SECONDS": "2",
+    "SWITCHBOARD_STREAM_MAX_FRAME_BYTES": "1024",
+}
+
+
+def live_env(database_url: str, redis_url: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "SWITCHBOARD_SERVICE_TOKEN": SERVICE_TOKEN,
+        "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
+        "SWITCHBOARD_POLICY": "bookstore",
+        "SWITCHBOARD_LOG_LEVEL": os.environ.get("TEST_LIVE_LOG_LEVEL", "WARNING"),
+        **STREAM_SETTINGS,
+    }
+
+
+@pytest.fixture(scope="session")
+def live(database_url, redis_url, tmp_path_factory):
+    # Its own Redis database: the in-process test workers must not see its queue.
+    url = make_url(redis_url.replace("redis://", "postgresql://"))
+    test_index = int(url.database or 0)
+    index = test_index - 2 if test_index >= 2 else test_index + 2
+    live_redis = redis_url.rsplit("/", 1)[0] + f"/{index}"
+    redis.Redis.from_url(live_redis).flushdb()
+    system = LiveSystem(
+        live_env(database_url, live_redis), tmp_path_factory.mktemp("live"), web_count=2
+    ).start()
+    yield system
+    system.stop()
+
+
+@pytest.fixture
+def token_for(app):
+    settings = app.extensions["switchboard.settings"]
+
+    def mint(user, ttl=timedelta(minutes=10)):
+        return mint_token(settings, user.id, user.tenant_id, ttl=ttl)
+
+    return mint
+
+
+@pytest.fixture
+def chat(live, make_user, token_for):
+    """alice (may start) and bob (free member) in one conversation."""
+    alice = make_user("alice", role="manager")
+    bob = make_user("bob", role="member")
+    tokens = {"alice": token_for(alice), "bob": token_for(bob)}
+    status, body = http(
+        "POST", live.url() + "/v1/conversations", tokens["alice"], {"participant_id": "bob"}
+    )
+    assert status == 201, body
+    return tokens, body["id"]
+
+
+def send(live, token, conversation_id, text, index=0):
+    status, body = http(
+        "POST",
+        f"{live.url(index)}/v1/conversations/{conversation_id}/messages",
+        token,
+        {"body": text, "client_id": uuid.uuid4().hex},
+    )
+    assert status == 202, body
+    return body["id"]
+
+
+def test_a_message_reaches_every_device_of_the_recipient_and_the_sender(live, chat):
+    tokens, conversation_id = chat
+    # From event 0: a fresh user has seen nothing yet. (A client without last_event_id
+    # starts from "now", as the server sees it once the socket is set up.)
+    phone = Stream(live.ws_url(0), tokens["bob"], last_event_id=0)
+    laptop = Stream(live.ws_url(0), tokens["bob"], last_event_id=0)
+    sender = Stream(live.ws_url(0), tokens["alice"], query_token=True, last_event_id=0)
+    try:
+        message_id = send(live, tokens["alice"], conversation_id, "hello")
+        for stream in (phone, laptop, sender):
+            [frame] = stream.events(1)
+            assert frame["type"] == "message.created"
+            assert (frame["id"], frame["data"]["id"], frame["data"]["body"]) == (
+                1,
+                message_id,
+                "hello",
+            )
+    finally:
+        for stream in (phone, laptop, sender):
+            stream.close()
+
+
+def test_two_web_processes_both_deliver(live, chat):
+    tokens, conversation_id = chat
+    on_first = Stream(live.ws_url(0), tokens["bob"], last_event_id=0)
+    on_second = Stream(live.ws_url(1), tokens["bob"], last_event_id=0)
+    try:
+        send(live, tokens["alice"], conversation_id, "via the first", index=0)
+        send(live, tokens["alice"], conversation_id, "via the second", index=1)
+        for stream in (on_first, on_second):
+            bodies = sorted(f["data"]["body"] for f in stream.events(2))
+            assert bodies == ["via the first", "via the second"]
+    finally:
+        on_first.close()
+        on_second.close()
+
+
+def test_resume_gets_exactly_what_was_missed_then_goes_live(live, chat):
+    tokens, conversation_id = chat
+    stream = Stream(live.ws_url(), tokens["bob"], last_event_id=0)
+    send(live, tokens["alice"], conversation_id, "before the drop")
+    [seen] = stream.events(1)
+    stream.close()
+
+    missed = []
+    for i in range(3):
+        # One after another: sends racing each other are logged in the order stored.
+        missed.append(send(live, tokens["alice"], conversation_id, f"missed {i}"))
+        wait_for(
+            lambda: (
+                http("GET", f"{live.url()}/v1/messages/{missed[-1]}", tokens["alice"])[1]["status"]
+                == "stored"
+            )
+        )
+
+    resumed = Stream(live.ws_url(1), tokens["bob"], last_event_id=seen["id"])
+    try:
+        frames = resumed.events(3)
+        assert [f["data"]["id"] for f in frames] == missed
+        assert [f["id"] for f in frames] == [seen["id"] + 1, seen["id"] + 2, seen["id"] + 3]
+        live_id = send(live, tokens["alice"], conversation_id, "live again")
+        [frame] = resumed.events(1)
+        assert (frame["id"], frame["data"]["id"]) == (seen["id"] + 4, live_id)
+    finally:
+        resumed.close()
+
+
+def test_an_id_past_the_window_gets_resync_required(live, chat, app):
+    tokens, conversation_id = chat
+    for i in range(3):
+        send(live, tokens["alice"], conversation_id, f"m{i}")
+    stream = Stream(live.ws_url(), tokens["bob"], last_event_id=0)
+    stream.events(3)
+    stream.close()
+    # Prune the oldest events, as the log's retention job does.
+    with app.extensions["switchboard.db"].transaction() as session:
+        session.execute(delete(UserEvent).where(UserEvent.user_id == "bob", UserEvent.seq <= 2))
+
+    for last_event_id in (0, 99):  # too old, and from the future
+        stream = Stream(live.ws_url(), tokens["bob"], last_event_id=last_event_id)
+        try:
+            frame = stream.next()
+            assert frame["type"] == "resync.required" and frame["id"] == 3
+        finally:
+            stream.close()
+    # Within the window, replay still works.
+    stream = Stream(live.ws_url(), tokens["bob"], last_event_id=2)
+    try:
+        assert [f["id"] for f in stream.events(1)] == [3]
+    finally:
+        stream.close()
+
+
+def test_a_slow_reader_is_disconnected_while_a_fast_one_keeps_receiving(live, chat):
+    tokens, conversation_id = chat
+    slow = RawStream(live.webs[0][0], tokens["bob"])
+    fast = Stream(live.ws_url(), tokens["bob"], last_event_id=0)
+    body = "x" * 900
+    try:
+        for _ in range(120):
+            send(live, tokens["alice"], conversation_id, body)
+        frames = fast.events(120)
+        assert [f["id"] for f in frames] == list(range(1, 121))
+        closed, code, delivered = slow.drain(timeout=20)
+        # The server gave up on it: with a close frame (4008) if the client's buffer had
+        # room for one, else by cutting the connection.
+        assert closed and code in (None, 4008) and delivered < 120, urllib_get(
+            live.url() + "/metrics")
+    finally:
+        slow.close()
+        fast.close()
+    metrics = urllib_get(live.url() + "/metrics")
+    slow_count = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("switchboard_slow_consumer_disconnects_total ")
+    ]
+    assert slow_count and float(slow_count[0].split()[1]) >= 1
+
+
+def urllib_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        (None, "missing_token"),
+        ("garbage", "invalid_token"),
+    ],
+)
+def test_bad_tokens_are_closed_with_a_reason(live, token, expected):
+    stream = Stream(live.ws_url(), token)
+    assert stream.next() is None
+    assert stream.close_code == 4001 and stream.close_reason.startswith(expected)
+
+
+def test_expired_and_unknown_user_tokens(live, make_user, token_for, app):
+    alice = make_user("alice", role="manager")
+    expired = mint_token(
+        app.extensions["switchboard.settings"], alice.id, alice.tenant_id, ttl=timedelta(minutes=-5)
+    )
+    stream = Stream(live.ws_url(), expired)
+    assert stream.expect_close() == (4001, stream.close_reason)
+    assert stream.close_reason.startswith("token_expired")
+    ghost = mint_token(app.extensions["switchboard.settings"], "ghost", "t1")
+    stream = Stream(live.ws_url(), ghost)
+    stream.expect_close()
+    assert (stream.close_code, stream.close_reason.split(":")[0]) == (4001, "unknown_user")
+
+
+def test_the_socket_closes_when_its_token_expires(live, make_user, token_for):
+    alice = make_user("alice", role="manager")
+    stream = Stream(live.ws_url(), token_for(alice, ttl=timedelta(seconds=2)))
+    code, reason = stream.expect_close(timeout=15)
+    assert code == 4002 and reason.startswith("token_expired")
+
+
+def test_bad_last_event_id(live, make_user, token_for):
+    alice = make_user("alice", role="manager")
+    stream = Stream(live.ws_url(), token_for(alice), last_event_id=None)
+    stream.close()
+    bad = Stream(live.ws_url() + "?last_event_id=-3", token_for(alice))
+    assert bad.expect_close()[0] == 4400
+
+
+def test_client_frames(live, chat):
+    tokens, conversation_id = chat
+    alice = Stream(live.ws_url(), tokens["alice"], last_event_id=0)
+    bob = Stream(live.ws_url(1), tokens["bob"], last_event_id=0)
+    try:
+        # Typing is ephemeral: make sure bob's socket is live before alice types.
+        send(live, tokens["alice"], conversation_id, "are you there?")
+        bob.events(1)
+        alice.events(1)
+        alice.send({"type": "typing", "conversation_id": conversation_id})
+        frame = bob.next()
+        assert (frame["type"], frame["id"]) == ("typing", None)
+        assert frame["data"] == {"conversation_id": conversation_id, "user_id": "alice"}
+
+        alice.send("not json")
+        assert alice.next()["data"]["code"] == "invalid_frame"
+        alice.send({"type": "shout"})
+        assert alice.next()["data"]["code"] == "unknown_frame_type"
+        alice.send({"type": "typing", "conversation_id": str(uuid.uuid4())})
+        assert alice.next()["data"]["code"] == "conversation_not_found"
+        alice.send({"type": "typing"})
+        assert alice.next()["data"]["code"] == "invalid_frame"
+
+        # Larger than the limit, but read by the server in one go: then its close frame
+        # is not overtaken by a reset for unread bytes.
+        alice.send("x" * 1500)
+        assert alice.expect_close()[0] == 1009
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_a_non_member_cannot_send_typing(live, chat, make_user, token_for):
+    _, conversation_id = chat
+    carol = make_user("carol", role="manager")
+    stream = Stream(live.ws_url(), token_for(carol))
+    try:
+        stream.send({"type": "typing", "conversation_id": conversation_id})
+        assert stream.next()["data"]["code"] == "conversation_not_found"
+    finally:
+        stream.close()
+
+
+def test_a_redis_restart_loses_nothing(database_url, make_user, token_for, tmp_path: Path):
+    # A Redis of this test's own, with an append-only file as production should run it.
+    redis_server = RedisServer(tmp_path / "redis", persistent=True).start()
+    system = LiveSystem(live_env(database_url, redis_server.url), tmp_path / "logs").start()
+    try:
+        alice, bob = make_user("alice", role="manager"), make_user("bob", role="member")
+        tokens = {"alice": token_for(alice), "bob": token_for(bob)}
+        _, conversation = http(
+            "POST", system.url() + "/v1/conversations", tokens["alice"], {"participant_id": "bob"}
+        )
+        stream = Stream(system.ws_url(), tokens["bob"], last_event_id=0)
+        send(system, tokens["alice"], conversation["id"], "before the restart")
+        assert [f["data"]["body"] for f in stream.events(1)] == ["before the restart"]
+
+        redis_server.stop()
+        redis_server.start()
+
+        def send_when_back():
+            status, body = http(
+                "POST",
+                f"{system.url()}/v1/conversations/{conversation['id']}/messages",
+                tokens["alice"],
+                {"body": "after the restart", "client_id": "after"},
+            )
+            return body["id"] if status == 202 else None
+
+        after_id = wait_for(send_when_back, timeout=30, interval=0.2)
+        [frame] = stream.events(1, timeout=30)
+        assert (frame["id"], frame["data"]["id"]) == (2, after_id)
+        stream.close()
+
+        resumed = Stream(system.ws_url(), tokens["bob"], last_event_id=0)
+        assert [f["data"]["body"] for f in resumed.events(2)] == [
+            "before the restart",
+            "after the restart",
+        ]
+        resumed.close()
+    except Exception:
+        print(system.logs())
+        raise
+    finally:
+        system.stop()
+        redis_server.stop()
+        time.sleep(0.1)
