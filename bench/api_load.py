@@ -1067,6 +1067,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
+    # A signal during the load arrives in gevent's hub, which passes it on to us; it
+    # need not print it as an error on the way.
+    hub = gevent.get_hub()
+    hub.NOT_ERROR = (*hub.NOT_ERROR, KeyboardInterrupt)
 
     info = None if args.reseed else seeded_info(args)
     if info is None:

@@ -4,4 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-BEAT_SCHEDULE: dict[str, dict[str, Any]] = {}
+from celery.schedules import crontab
+
+BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
+    "prune-event-log": {
+        "task": "switchboard.maintenance.prune_event_log",
+        "schedule": crontab(minute=17),
+    },
+}

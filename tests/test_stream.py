@@ -198,7 +198,8 @@ def test_a_slow_reader_is_disconnected_while_a_fast_one_keeps_receiving(live, ch
         # The server gave up on it: with a close frame (4008) if the client's buffer had
         # room for one, else by cutting the connection.
         assert closed and code in (None, 4008) and delivered < 120, urllib_get(
-            live.url() + "/metrics")
+            live.url() + "/metrics"
+        )
     finally:
         slow.close()
         fast.close()
