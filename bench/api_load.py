@@ -1070,7 +1070,13 @@ def main(argv: list[str] | None = None) -> int:
     # A signal during the load arrives in gevent's hub, which passes it on to us; it
     # need not print it as an error on the way.
     hub = gevent.get_hub()
-    hub.NOT_ERROR = (*hub.NOT_ERROR, KeyboardInterrupt)
+    print_exception = hub.print_exception
+
+    def quiet_interrupts(context, kind, value, traceback) -> None:
+        if not (isinstance(kind, type) and issubclass(kind, KeyboardInterrupt)):
+            print_exception(context, kind, value, traceback)
+
+    hub.print_exception = quiet_interrupts
 
     info = None if args.reseed else seeded_info(args)
     if info is None:

@@ -73,6 +73,7 @@ class LiveSystem:
     web_count: int = 1
     webs: list[tuple[int, LiveProcess]] = field(default_factory=list)
     worker: LiveProcess | None = None
+    worker_metrics_port: int = 0
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -90,8 +91,14 @@ class LiveSystem:
                 self.log_dir / f"web{index}.log",
             ).start()
             self.webs.append((port, web))
+        self.worker_metrics_port = free_port()
         self.worker = LiveProcess(
-            "worker", self.env(WORKER_CONCURRENCY="4"), self.log_dir / "worker.log"
+            "worker",
+            self.env(
+                WORKER_CONCURRENCY="4",
+                SWITCHBOARD_WORKER_METRICS_PORT=str(self.worker_metrics_port),
+            ),
+            self.log_dir / "worker.log",
         ).start()
         for port, web in self.webs:
             wait_http(f"http://127.0.0.1:{port}/health", web)

@@ -179,6 +179,7 @@ def test_send_is_stored_by_the_worker_and_reaches_both_event_logs(
     assert client.get("/v1/unread", headers=auth(bob)).json == {"total": 1, "conversations": 1}
     assert client.get("/v1/unread", headers=auth(alice)).json == {"total": 0, "conversations": 0}
 
+    assert client.get("/v1/me", headers=auth(bob)).json["last_event_id"] == 1
     for user in ("alice", "bob"):
         events = events_of(app, user)
         assert [(e.seq, e.type) for e in events] == [(1, "message.created")]

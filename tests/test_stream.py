@@ -113,6 +113,22 @@ def test_a_message_reaches_every_device_of_the_recipient_and_the_sender(live, ch
             stream.close()
 
 
+def test_worker_and_web_metrics(live, chat):
+    tokens, conversation_id = chat
+    stream = Stream(live.ws_url(), tokens["bob"], last_event_id=0)
+    try:
+        send(live, tokens["alice"], conversation_id, "count me")
+        stream.events(1)
+    finally:
+        stream.close()
+    worker = urllib_get(f"http://127.0.0.1:{live.worker_metrics_port}/metrics")
+    assert 'task="switchboard.direct.send_message"' in worker
+    assert 'switchboard_messages_total{outcome="stored"}' in worker
+    web = urllib_get(live.url() + "/metrics")
+    assert "switchboard_delivery_latency_seconds_count" in web
+    assert "switchboard_sockets_open" in web
+
+
 def test_two_web_processes_both_deliver(live, chat):
     tokens, conversation_id = chat
     on_first = Stream(live.ws_url(0), tokens["bob"], last_event_id=0)
