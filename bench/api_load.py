@@ -71,7 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         help="a PostgreSQL URL with rights to create databases (default: %(default)s)",
     )
-    parser.add_argument("--db-name", default=env("BENCH_DB_NAME", "switchboard_bench"))
+    parser.add_argument(
+        "--db-name",
+        default=env("BENCH_DB_NAME", "switchboard_bench"),
+        help="the benchmark's own database, kept between runs (%(default)s)",
+    )
     parser.add_argument(
         "--redis-url",
         default=env("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
@@ -83,9 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip-seed", action="store_true", help="use the seeded database as it is (fail if none)"
     )
     parser.add_argument("--seed-only", action="store_true", help="seed (if needed) and exit")
-    parser.add_argument("--messages", type=int, default=1_000_000)
-    parser.add_argument("--users", type=int, default=5_000)
-    parser.add_argument("--conversations", type=int, default=20_000)
+    parser.add_argument(
+        "--messages", type=int, default=1_000_000, help="messages to seed (%(default)s)"
+    )
+    parser.add_argument("--users", type=int, default=5_000, help="users to seed (%(default)s)")
+    parser.add_argument(
+        "--conversations", type=int, default=20_000, help="conversations to seed (%(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=42, help="random seed of data and load")
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second, total")
     parser.add_argument("--duration", type=float, default=60.0, help="measured seconds")
@@ -114,7 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="more are opened while all are busy, up to this many (%(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="request timeout, seconds")
-    parser.add_argument("--drain-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the worker to store every accepted send (%(default)s)",
+    )
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -126,9 +139,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--csv", type=Path, help="also write one line per request here (for plots and digging)"
     )
     parser.add_argument("--port", type=int, default=0, help="web port (default: a free one)")
-    parser.add_argument("--web-concurrency", type=int, default=int(env("WEB_CONCURRENCY", "2")))
     parser.add_argument(
-        "--worker-concurrency", type=int, default=int(env("WORKER_CONCURRENCY", "8"))
+        "--web-concurrency",
+        type=int,
+        default=int(env("WEB_CONCURRENCY", "2")),
+        help="gunicorn workers, as WEB_CONCURRENCY (%(default)s)",
+    )
+    parser.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=int(env("WORKER_CONCURRENCY", "8")),
+        help="Celery threads, as WORKER_CONCURRENCY (%(default)s)",
     )
     args = parser.parse_args(argv)
     try:
@@ -529,6 +550,32 @@ class Processes:
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def error_summary(self) -> list[str]:
+        """What the processes logged as errors, counted by their last line."""
+        found: Counter[tuple[str, str]] = Counter()
+        for name in self.running:
+            path = self.log_dir / f"{name}.log"
+            if not path.exists():
+                continue
+            for line in path.read_text(errors="replace").splitlines():
+                if not any(mark in line for mark in ("ERROR", "CRITICAL", "Traceback")):
+                    continue
+                what = line.strip()
+                with contextlib.suppress(ValueError, AttributeError):
+                    record = json.loads(line)
+                    what = (record.get("exc_info") or record.get("message") or line).strip()
+                found[name, what.splitlines()[-1][:160]] += 1
+        return [f"{name}: {count} x {what}" for (name, what), count in found.most_common(5)]
+
+    def logged_errors(self) -> bool:
+        """Whether a process logged a traceback or an error (gunicorn and Celery log some
+        lines at INFO whatever the log level)."""
+        for path in self.log_dir.glob("*.log"):
+            text = path.read_text(errors="replace")
+            if any(mark in text for mark in ("Traceback", "ERROR", "CRITICAL")):
+                return True
+        return False
+
     def stop_all(self) -> None:
         for name, process in reversed(list(self.running.items())):
             if process.poll() is None:
@@ -594,15 +641,16 @@ class HttpPool:
         path: str,
         headers: dict[str, str],
         body: bytes | None = None,
-        on_send: Callable[[], None] | None = None,
+        on_send: Callable[[bool], None] | None = None,
     ) -> tuple[int, bytes]:
-        """One exchange; `on_send` is called once a connection is ours, as the request
-        goes on the wire (a wait for a free connection comes before it)."""
+        """One exchange; `on_send(waited)` is called once a connection is ours, as the
+        request goes on the wire, saying whether it had to wait for a free one."""
+        waited = self._slots.locked()
         with self._slots:
             self._busy += 1
             self.busiest = max(self.busiest, self._busy)
             if on_send is not None:
-                on_send()
+                on_send(waited)
             try:
                 return self._request(method, path, headers, body)
             finally:
@@ -674,7 +722,9 @@ class Outcome:
     kind: str
     status: int  # 0: no HTTP answer (timeout, connection error)
     latency: float  # seconds from the scheduled send time to the full response
-    lag: float  # seconds from the scheduled send time to the actual send
+    lag: float  # seconds from the scheduled send time to the request going on the wire
+    start_lag: float  # seconds from the scheduled send time to the generator issuing it
+    waited: bool  # for a free connection, all of them being busy
     measured: bool
     scheduled: float
     sent_wall: float = 0.0  # time.time() when the request was sent
@@ -779,6 +829,8 @@ def run_load(
     warmup_count = round(args.rate * args.warmup)
     outcomes: list[Outcome | None] = [None] * len(planned)
     sent: list[tuple[float, float] | None] = [None] * len(planned)  # perf_counter, time()
+    issued: list[float | None] = [None] * len(planned)
+    waited_for_connection = [False] * len(planned)
     greenlets = gevent.pool.Group()
     started = time.perf_counter() + 0.2
 
@@ -794,6 +846,8 @@ def run_load(
             status=status,
             latency=now - scheduled,
             lag=on_wire - scheduled,
+            start_lag=(issued[number] or now) - scheduled,
+            waited=waited_for_connection[number],
             measured=number >= warmup_count,
             scheduled=scheduled,
             sent_wall=on_wire_wall,
@@ -801,8 +855,11 @@ def run_load(
         )
 
     def one(number: int, item: Planned) -> None:
-        def on_send() -> None:
+        issued[number] = time.perf_counter()
+
+        def on_send(waited: bool) -> None:
             sent[number] = (time.perf_counter(), time.time())
+            waited_for_connection[number] = waited
 
         message_id = None
         try:
@@ -964,26 +1021,44 @@ def count_messages(db_url: str) -> int:
         return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
 
 
-def wait_for_drain(
-    db_url: str, ids: list[str], timeout: float
-) -> tuple[float | None, int, dict[str, datetime]]:
-    """Seconds until every id is a row in messages (None on timeout), the rows found,
-    and their created_at."""
-    started = time.perf_counter()
-    found = 0
+@dataclass
+class Drain:
+    complete: bool
+    found: int
+    first_poll_complete: bool
+    done_wall: float  # time.time() when the poll found every send stored
+    picked_up: dict[str, float]  # message id -> time.time() its worker transaction began
+
+
+def wait_for_drain(db_url: str, ids: list[str], since: float, timeout: float) -> Drain:
+    """Poll until every accepted send is a row in messages. When each was picked up
+    comes from the event log: the worker appends `message.created` events in the
+    transaction that stores the message, and their created_at is its start."""
+    started, polls = time.monotonic(), 0
     with psycopg.connect(db_url, autocommit=True) as conn:
         while True:
             found = conn.execute(
                 "SELECT count(*) FROM messages WHERE id = ANY(%s::uuid[])", (ids,)
             ).fetchone()[0]
-            waited = time.perf_counter() - started
-            if found >= len(ids) or waited > timeout:
+            polls += 1
+            if found >= len(ids) or time.monotonic() - started > timeout:
                 break
             time.sleep(0.1)
+        done_wall = time.time()
         rows = conn.execute(
-            "SELECT id::text, created_at FROM messages WHERE id = ANY(%s::uuid[])", (ids,)
+            """SELECT payload->>'id', min(created_at) FROM user_events
+               WHERE type = 'message.created' AND created_at >= to_timestamp(%s) - interval '5 s'
+                 AND payload->>'id' = ANY(%s)
+               GROUP BY 1""",
+            (since, ids),
         ).fetchall()
-    return (waited if found >= len(ids) else None), found, dict(rows)
+    return Drain(
+        complete=found >= len(ids),
+        found=found,
+        first_poll_complete=polls == 1 and found >= len(ids),
+        done_wall=done_wall,
+        picked_up={message_id: at.timestamp() for message_id, at in rows},
+    )
 
 
 def machine_facts(db_url: str) -> list[str]:
@@ -1092,8 +1167,9 @@ def main(argv: list[str] | None = None) -> int:
         info = seeded_info(args)
     else:
         print(
-            f"seed: skipped, {args.db_name} was seeded at {info['at']} "
-            f"({info['messages']} messages; --reseed rebuilds it)",
+            f"seed: skipped, {args.db_name} was seeded at {info['at']} with "
+            f"{info['messages']} messages, {info['users']} users and {info['conversations']} "
+            "conversations (--reseed rebuilds it)",
             flush=True,
         )
 
@@ -1127,6 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
     python = sys.executable
     rng = random.Random(args.seed)
     run_id = uuid.uuid4().hex[:8]
+    completed = False
     try:
         processes.start(
             "web",
@@ -1160,7 +1237,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_send(port, workload, db_url, processes)
         print(
             f"web on :{port} ({args.web_concurrency} gevent workers), worker with "
-            f"{args.worker_concurrency} threads; logs in {log_dir}",
+            f"{args.worker_concurrency} threads",
             flush=True,
         )
         print(
@@ -1188,6 +1265,7 @@ def main(argv: list[str] | None = None) -> int:
         roles = {os.getpid(): "generator"}
         roles |= {process.pid: name for name, process in processes.running.items()}
         busy0, procs0, window0 = machine_busy(), process_cpu(), time.perf_counter()
+        load_started_wall = time.time()
         outcomes, elapsed, generator_cpu, pool = run_load(args, port, planned)
         busy1, procs1, window = machine_busy(), process_cpu(), time.perf_counter() - window0
         load_ended_wall = time.time()
@@ -1211,42 +1289,50 @@ def main(argv: list[str] | None = None) -> int:
 
         accepted = [o for o in outcomes if o.message_id]
         ids = [o.message_id for o in accepted]
-        drained, found, stored_at = wait_for_drain(db_url, ids, args.drain_timeout)
-        if drained is None:
+        drain = wait_for_drain(db_url, ids, load_started_wall, args.drain_timeout)
+        if not drain.complete:
             print(
                 f"worker drain: NOT done after {args.drain_timeout:.0f} s: "
-                f"{found} of {len(ids)} accepted sends stored"
+                f"{drain.found} of {len(ids)} accepted sends stored"
             )
         elif ids:
-            last_stored = max(stored_at.values()).timestamp()
+            if drain.first_poll_complete:  # already done: when, the event log says
+                last = max(drain.picked_up.values(), default=load_ended_wall)
+                took = max(0.0, last - load_ended_wall)
+            else:
+                took = drain.done_wall - load_ended_wall
             print(
-                f"worker drain: {queued} tasks queued when the load stopped; the last of "
-                f"{len(ids)} accepted sends was stored "
-                f"{max(0.0, last_stored - load_ended_wall):.1f} s after the last response"
+                f"worker drain: {queued} tasks were queued when the load stopped; all "
+                f"{len(ids)} accepted sends were stored {took:.1f} s after the last response"
             )
         worker_pid = processes.running["worker"].pid
         worker_ticks = (
             process_cpu().get(worker_pid, ProcSample(0, 0, "")).ticks
             - procs0.get(worker_pid, ProcSample(0, 0, "")).ticks
         )
-        if found:
+        if drain.found:
             print(
                 f"worker CPU per stored send: "
-                f"{worker_ticks / os.sysconf('SC_CLK_TCK') / found * 1000:.1f} ms"
+                f"{worker_ticks / os.sysconf('SC_CLK_TCK') / drain.found * 1000:.1f} ms"
             )
         lags = sorted(
-            stored_at[o.message_id].timestamp() - o.sent_wall
+            drain.picked_up[o.message_id] - o.sent_wall
             for o in accepted
-            if o.message_id in stored_at
+            if o.message_id in drain.picked_up
         )
         if lags:
             print(
-                "send request sent -> message stored by the worker: "
+                "send request sent -> worker transaction storing it began: "
                 f"p50 {percentile(lags, 50) * 1000:.0f} ms, p99 {percentile(lags, 99) * 1000:.0f}"
                 f" ms, max {lags[-1] * 1000:.0f} ms"
             )
         stored_after = count_messages(db_url)
         print(f"messages stored after the run: {stored_after} (+{stored_after - stored_before})")
+        errors = processes.error_summary()
+        if errors:
+            print("errors the processes logged (most frequent first):")
+            print("\n".join(f"  {line}" for line in errors))
+        completed = True
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the web process and the worker", file=sys.stderr)
@@ -1254,7 +1340,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         processes.stop_all()
         redis_client.close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if completed and not processes.logged_errors():
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            print(f"logs of the web process and the worker kept in {log_dir}", file=sys.stderr)
 
 
 def write_csv(path: Path, outcomes: list[Outcome], planned: list[Planned]) -> None:
@@ -1289,24 +1378,36 @@ def report(
 ) -> None:
     measured = [o for o in outcomes if o.measured]
     table, passed = latency_table(measured)
-    window_lags = sorted(o.lag * 1000 for o in measured)
+    start_lags = sorted(o.start_lag * 1000 for o in measured)
+    waited = sorted((o.lag - o.start_lag) * 1000 for o in measured if o.lag - o.start_lag > 0.001)
     planned_total = round(args.rate * (args.warmup + args.duration))
-    sent = sorted(o.scheduled + o.lag for o in measured)
-    span = sent[-1] - sent[0] if len(sent) > 1 else 0.0
-    achieved = (len(sent) - 1) / span if span > 0 else float("nan")
+    issued = sorted(o.scheduled + o.start_lag for o in measured)
+    span = issued[-1] - issued[0] if len(issued) > 1 else 0.0
+    achieved = (len(issued) - 1) / span if span > 0 else float("nan")
+    on_wire = sorted(o.scheduled + o.lag for o in measured)
+    wire_span = on_wire[-1] - on_wire[0] if len(on_wire) > 1 else 0.0
+    wire_rate = (len(on_wire) - 1) / wire_span if wire_span > 0 else float("nan")
     statuses = Counter(o.status for o in measured if not 200 <= o.status < 300)
     lines = [
         "",
         table,
         "",
-        f"rate: target {args.rate:.1f} req/s, achieved {achieved:.1f} req/s sent in the "
-        f"measured window ({len(measured)} requests over {span:.1f} s); {len(outcomes)} of "
-        f"{planned_total} planned requests done in {elapsed:.1f} s, warm-up included",
-        f"generator: send lag behind schedule p50 {percentile(window_lags, 50):.1f} ms, "
-        f"p99 {percentile(window_lags, 99):.1f} ms, max {window_lags[-1]:.1f} ms; "
+        f"rate: target {args.rate:.1f} req/s, achieved {achieved:.1f} req/s issued in the "
+        f"measured window ({len(measured)} requests over {span:.1f} s; {wire_rate:.1f} req/s "
+        f"reached the wire); {len(outcomes)} of {planned_total} planned requests done in "
+        f"{elapsed:.1f} s, warm-up included",
+        f"generator: issued behind schedule by p50 {percentile(start_lags, 50):.1f} ms, "
+        f"p99 {percentile(start_lags, 99):.1f} ms, max {start_lags[-1]:.1f} ms; "
         f"its CPU {generator_cpu / elapsed * 100:.0f}% of one core; "
         f"{pool.opened} connections opened, at most {pool.busiest} busy at once",
     ]
+    if waited:
+        lines.append(
+            f"  {len(waited)} measured requests waited for a free connection (all "
+            f"{max(args.connections, args.max_connections)} busy: the server answered slower "
+            f"than requests arrived), p50 {percentile(waited, 50):.0f} ms, max "
+            f"{waited[-1]:.0f} ms; that wait is inside the latencies above"
+        )
     if statuses:
         lines.append(
             "errors by status: "

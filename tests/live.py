@@ -183,9 +183,14 @@ class Stream:
         self.close_reason = ""
 
     def next(self, timeout: float = 10.0) -> dict[str, Any] | None:
-        """The next data frame, or None once the server closed the socket."""
-        self.ws.settimeout(timeout)
+        """The next data frame, or None once the server closed the socket. Raises
+        WebSocketTimeoutException after `timeout` seconds, pings or not."""
+        deadline = time.monotonic() + timeout
         while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise websocket.WebSocketTimeoutException("no data frame in time")
+            self.ws.settimeout(remaining)
             try:
                 opcode, payload = self.ws.recv_data(control_frame=True)
             except websocket.WebSocketConnectionClosedException:

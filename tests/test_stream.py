@@ -4,6 +4,7 @@ processes) and its Celery worker line, real sockets, real PostgreSQL and Redis."
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import websocket
 from sqlalchemy import delete
 from sqlalchemy.engine import make_url
 
@@ -42,13 +44,17 @@ def live_env(database_url: str, redis_url: str) -> dict[str, str]:
     }
 
 
+def separate_redis_db(redis_url: str, offset: int) -> str:
+    """Another database of the test Redis (never 0, which others may use)."""
+    test_index = int(make_url(redis_url.replace("redis://", "postgresql://")).database or 0)
+    index = test_index - offset if test_index - offset >= 1 else test_index + offset
+    return redis_url.rsplit("/", 1)[0] + f"/{index}"
+
+
 @pytest.fixture(scope="session")
 def live(database_url, redis_url, tmp_path_factory):
     # Its own Redis database: the in-process test workers must not see its queue.
-    url = make_url(redis_url.replace("redis://", "postgresql://"))
-    test_index = int(url.database or 0)
-    index = test_index - 2 if test_index >= 2 else test_index + 2
-    live_redis = redis_url.rsplit("/", 1)[0] + f"/{index}"
+    live_redis = separate_redis_db(redis_url, 2)
     redis.Redis.from_url(live_redis).flushdb()
     system = LiveSystem(
         live_env(database_url, live_redis), tmp_path_factory.mktemp("live"), web_count=2
@@ -364,3 +370,36 @@ def test_a_redis_restart_loses_nothing(database_url, make_user, token_for, tmp_p
         system.stop()
         redis_server.stop()
         time.sleep(0.1)
+
+
+def test_a_peer_that_stops_answering_pings_is_dropped(
+    database_url, redis_url, make_user, token_for, tmp_path: Path
+):
+    env = live_env(database_url, separate_redis_db(redis_url, 3)) | {
+        "SWITCHBOARD_STREAM_PING_INTERVAL": "1"
+    }
+    system = LiveSystem(env, tmp_path / "logs").start()
+    try:
+        alice = make_user("alice", role="manager")
+        silent = RawStream(system.webs[0][0], token_for(alice))
+        answering = Stream(system.ws_url(), token_for(alice), last_event_id=0)
+        outcome: list[object] = []
+
+        def keep_reading() -> None:
+            # websocket-client answers pings while it reads.
+            try:
+                answering.next(timeout=6)
+            except websocket.WebSocketTimeoutException:
+                outcome.append("still open")
+            else:
+                outcome.append(answering.close_code)
+
+        reader = threading.Thread(target=keep_reading)
+        reader.start()
+        closed, code, _ = silent.drain(timeout=15)
+        reader.join()
+        assert closed and code in (None, 1008)
+        assert outcome == ["still open"]
+        answering.close()
+    finally:
+        system.stop()
