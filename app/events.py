@@ -110,7 +110,9 @@ def append_events(
     user_ids = sorted(set(recipients))
     if not user_ids:
         return []
-    sequences = dict(session.execute(_NEXT_SEQUENCES, {"ids": user_ids}).tuples().all())
+    sequences = {
+        user_id: seq for user_id, seq in session.execute(_NEXT_SEQUENCES, {"ids": user_ids})
+    }
     events = [
         Event(user_id, sequences[user_id], type, data)
         for user_id in user_ids

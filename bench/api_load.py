@@ -615,7 +615,7 @@ class HttpPool:
     IDLE_LIMIT = 4.0  # gunicorn's keepalive is 5 s
 
     def __init__(self, host: str, port: int, limit: int, timeout: float) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
+        self.host, self.port, self.timeout, self.limit = host, port, timeout, limit
         self._slots = gevent.lock.BoundedSemaphore(limit)
         self._idle: deque[tuple[http.client.HTTPConnection, float]] = deque()
         self.opened = 0
@@ -645,7 +645,7 @@ class HttpPool:
     ) -> tuple[int, bytes]:
         """One exchange; `on_send(waited)` is called once a connection is ours, as the
         request goes on the wire, saying whether it had to wait for a free one."""
-        waited = self._slots.locked()
+        waited = self._busy >= self.limit
         with self._slots:
             self._busy += 1
             self.busiest = max(self.busiest, self._busy)
@@ -946,12 +946,15 @@ def cpu_breakdown(
         base = before.get(pid)
         ticks = sample.ticks - (base.ticks if base and base.command == sample.command else 0)
         role = roles.get(pid) or roles.get(sample.ppid)
-        if (
-            role is None
-            and sample.command.startswith("postgres:")
-            and (f" {db_name} " in sample.command)
-        ):
-            role = "postgres for the bench db"
+        if role is None and sample.command.startswith("postgres:"):
+            # Backends are titled "postgres: <cluster>: <user> <database> <client> <state>";
+            # the WAL writer, checkpointer and background writer work for every database.
+            if f" {db_name} " in sample.command:
+                role = "postgres for the bench db"
+            elif "writer" in sample.command or "checkpointer" in sample.command:
+                role = "postgres background"
+        elif role is None and sample.command.startswith("redis-server"):
+            role = "redis (shared)"
         if ticks <= 0 or role is None:
             continue
         used[role] += ticks
@@ -959,7 +962,10 @@ def cpu_breakdown(
             web_workers.append(ticks)
     scale = 100.0 / (ticks_per_second * seconds)
     parts = []
-    for role in ("web", "worker", "generator", "postgres for the bench db"):
+    roles_shown = ("web", "worker", "generator", "postgres for the bench db")
+    for role in (*roles_shown, "postgres background", "redis (shared)"):
+        if role not in roles_shown and not used[role]:
+            continue
         part = f"{role} {used[role] * scale:.0f}%"
         if role == "web" and len(web_workers) > 1:
             shares = ", ".join(f"{t * scale:.0f}%" for t in sorted(web_workers, reverse=True))
@@ -1379,7 +1385,7 @@ def report(
     measured = [o for o in outcomes if o.measured]
     table, passed = latency_table(measured)
     start_lags = sorted(o.start_lag * 1000 for o in measured)
-    waited = sorted((o.lag - o.start_lag) * 1000 for o in measured if o.lag - o.start_lag > 0.001)
+    waited = sorted((o.lag - o.start_lag) * 1000 for o in measured if o.waited)
     planned_total = round(args.rate * (args.warmup + args.duration))
     issued = sorted(o.scheduled + o.start_lag for o in measured)
     span = issued[-1] - issued[0] if len(issued) > 1 else 0.0

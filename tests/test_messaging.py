@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from app.models import Message, Participant
+from app.models import Message, Participant, User
 from app.services.messages import SendCommand, message_id_for
 from tests.helpers import error_code, events_of, wait_for
 from workers.tasks import send_message
@@ -128,7 +128,7 @@ def test_marketplace_archive_is_per_user(client, make_user, auth):
 def test_concurrent_starts_make_one_conversation(app, make_user):
     from app.services.conversations import start_conversation
 
-    alice = make_user("alice", role="manager")
+    make_user("alice", role="manager")
     make_user("bob", role="member")
     policy = app.extensions["switchboard.policy"]
     ids, barrier = [], threading.Barrier(6)
@@ -136,7 +136,9 @@ def test_concurrent_starts_make_one_conversation(app, make_user):
     def run():
         barrier.wait()
         with app.extensions["switchboard.db"].transaction() as session:
-            conversation, _ = start_conversation(session, policy, session.merge(alice), "bob", None)
+            conversation, _ = start_conversation(
+                session, policy, session.get(User, "alice"), "bob", None
+            )
             ids.append(conversation.id)
 
     threads = [threading.Thread(target=run) for _ in range(6)]
@@ -263,7 +265,7 @@ def test_concurrent_sends_and_reads_keep_unread_counts_exact(app, client, auth, 
     def read_some():
         for _ in range(10):
             with app.extensions["switchboard.db"].transaction() as session:
-                mark_read(session, session.merge(bob), conversation_id, None)
+                mark_read(session, session.get(User, "bob"), conversation_id, None)
 
     threads = [threading.Thread(target=send_one, args=(i,)) for i in range(20)]
     threads.append(threading.Thread(target=read_some))

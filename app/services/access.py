@@ -53,7 +53,8 @@ def member_conversation(
     row = session.execute(query).first()
     if row is None:
         raise NotFound("No such conversation.", code="conversation_not_found")
-    return row.tuple()
+    conversation, participant = row
+    return conversation, participant
 
 
 def other_participants(session: Session, conversation_id: uuid.UUID, user_id: str) -> list[User]:
