@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     database = Database(
         settings.database_url,
         pool_size=settings.db_pool_size,
+        pool_timeout=settings.db_pool_timeout,
         info={PUBLISHER_KEY: RedisPublisher(redis_client)},
     )
     app.extensions.update(

@@ -17,12 +17,17 @@ from sqlalchemy.orm import Session, sessionmaker
 _AFTER_COMMIT = "switchboard.after_commit"
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 5.0) -> Engine:
+    # No pre-ping: it costs a round trip on every checkout. After a database restart
+    # the first statement on each stale connection fails, SQLAlchemy then recycles the
+    # whole pool; the API answers that one request with 503 and tasks retry.
     return create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # Waiting longer for a connection means the process is overloaded: the API
+        # answers 503 with Retry-After rather than keeping the client waiting.
+        pool_timeout=pool_timeout,
         pool_recycle=1800,
     )
 
@@ -30,11 +35,24 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 class Database:
     """Owns the engine and the session factory of one process."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, info: dict | None = None) -> None:
-        self.engine = make_engine(url, pool_size=pool_size)
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        pool_timeout: float = 5.0,
+        info: dict | None = None,
+    ) -> None:
+        self.engine = make_engine(url, pool_size=pool_size, pool_timeout=pool_timeout)
         # `info` is copied into every session: how services reach process-wide helpers
         # (the event publisher) without importing Flask.
         self.sessions = sessionmaker(self.engine, expire_on_commit=False, info=info or {})
+        # For requests that only read: autocommit spares the BEGIN and ROLLBACK round trips.
+        self.read_sessions = sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+            expire_on_commit=False,
+            info=info or {},
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import sqlalchemy.exc
 from flask import Flask, g, jsonify
 from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
@@ -50,6 +51,20 @@ def register_error_handlers(app: Flask) -> None:
         if exc.code == 405 and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response
+
+    @app.errorhandler(sqlalchemy.exc.TimeoutError)
+    def _pool_exhausted(exc: sqlalchemy.exc.TimeoutError) -> ResponseReturnValue:
+        log.warning("no database connection free: %s", exc)
+        body = error_body("overloaded", "The service is busy; retry in a moment.")
+        return jsonify(body), 503, {"Retry-After": "1"}
+
+    @app.errorhandler(sqlalchemy.exc.DBAPIError)
+    def _database_error(exc: sqlalchemy.exc.DBAPIError) -> ResponseReturnValue:
+        if not exc.connection_invalidated:
+            return _unexpected(exc)
+        log.warning("database connection lost: %s", exc)
+        body = error_body("database_unavailable", "The database connection was lost; retry.")
+        return jsonify(body), 503, {"Retry-After": "1"}
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> ResponseReturnValue:

@@ -72,6 +72,9 @@ class Settings(BaseModel):
     db_pool_size: int = Field(
         default=10, ge=1, le=200, validation_alias=_env("SWITCHBOARD_DB_POOL_SIZE")
     )
+    db_pool_timeout: float = Field(
+        default=5.0, gt=0, le=60, validation_alias=_env("SWITCHBOARD_DB_POOL_TIMEOUT")
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", validation_alias=_env("SWITCHBOARD_LOG_LEVEL")
     )

@@ -36,10 +36,11 @@ def session() -> Session:
     """The request's session, opened on first use and closed when the request ends.
 
     Handlers commit explicitly once their writes are complete; anything not
-    committed is rolled back at teardown.
+    committed is rolled back at teardown. GET and HEAD requests read in autocommit.
     """
     if "db_session" not in g:
-        g.db_session = database().sessions()
+        read_only = request.method in ("GET", "HEAD")
+        g.db_session = (database().read_sessions if read_only else database().sessions)()
     return g.db_session
 
 

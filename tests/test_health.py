@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sqlalchemy
+
 from app import create_app
+from app.auth import mint_token
 from app.embedded import RedisServer
+from app.settings import normalise_database_url
 from tests.conftest import settings_for
 
 
@@ -54,3 +58,43 @@ def test_metrics_count_requests_by_route_template(client, make_user, auth):
     assert 'route="<unmatched>",status="404"' in body
     assert "switchboard_http_request_duration_seconds_bucket" in body
     assert 'switchboard_queue_depth{queue="direct"} 0.0' in body
+
+
+def test_an_exhausted_pool_is_a_503_with_retry_after(database_url, redis_url, clean_state):
+    app = create_app(
+        settings_for(
+            database_url, redis_url, SWITCHBOARD_DB_POOL_SIZE="1", SWITCHBOARD_DB_POOL_TIMEOUT="0.2"
+        )
+    )
+    engine = app.extensions["switchboard.db"].engine
+    held = [engine.connect(), engine.connect()]  # the pool (1) and its overflow (1)
+    try:
+        response = app.test_client().get("/v1/me", headers={"Authorization": "Bearer x.y.z"})
+        # The token is checked before the database is touched: a bad one is still a 401.
+        assert response.status_code == 401
+        token = mint_token(app.extensions["switchboard.settings"], "nobody", "t1")
+        response = app.test_client().get("/v1/me", headers={"Authorization": f"Bearer {token}"})
+    finally:
+        for connection in held:
+            connection.close()
+        app.extensions["switchboard.db"].dispose()
+    assert response.status_code == 503
+    assert response.json["error"]["code"] == "overloaded"
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_a_restarted_database_costs_one_request(app, client, make_user, auth, database_url):
+    alice = make_user("alice")
+    assert client.get("/v1/me", headers=auth(alice)).status_code == 200
+    # What a PostgreSQL restart does to the pooled connections: cut them.
+    admin = sqlalchemy.create_engine(normalise_database_url(database_url))
+    with admin.begin() as connection:
+        connection.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    admin.dispose()
+    first = client.get("/v1/me", headers=auth(alice))
+    assert (first.status_code, first.json["error"]["code"]) == (503, "database_unavailable")
+    assert first.headers["Retry-After"] == "1"
+    assert client.get("/v1/me", headers=auth(alice)).status_code == 200
