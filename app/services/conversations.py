@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, bindparam, func, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import aggregate_order_by, insert
+from sqlalchemy.orm import Session, aliased
 
 from app.events import append_events
 from app.models import Conversation, Message, Participant, User
@@ -110,62 +110,109 @@ def set_archived(session: Session, user: User, conversation_id: str, archived: b
     participant.archived = archived
 
 
+def _summary_query(variant: str) -> Select:
+    """My conversations, latest activity first, each with its people, last message
+    preview and my unread count, in one query returning rows rather than ORM objects:
+    this is the hottest read of a messaging API. Built once per variant ("first" page,
+    page "after" a cursor, or "one" conversation); the values are bound at execution."""
+    others = aliased(Participant)
+    person = func.json_build_object(
+        "id", User.id, "display_name", User.display_name, "role", User.role
+    )
+    people = (
+        select(
+            func.coalesce(func.json_agg(aggregate_order_by(person, User.id)), text("'[]'::json"))
+        )
+        .select_from(others)
+        .join(User, User.id == others.user_id)
+        .where(others.conversation_id == Participant.conversation_id)
+        .correlate(Participant)
+        .scalar_subquery()
+    )
+    last = aliased(Message)
+    query = (
+        select(
+            Participant.conversation_id,
+            Participant.unread_count,
+            Participant.archived,
+            Participant.last_activity_at.label("position"),
+            Conversation.subject_type,
+            Conversation.subject_id,
+            Conversation.status,
+            Conversation.created_at,
+            Conversation.last_activity_at,
+            last.id.label("last_id"),
+            last.sender_id.label("last_sender_id"),
+            last.created_at.label("last_created_at"),
+            last.deleted_at.label("last_deleted_at"),
+            func.left(last.body, PREVIEW_LENGTH).label("last_preview"),
+            people.label("people"),
+        )
+        .join(Conversation, Conversation.id == Participant.conversation_id)
+        .outerjoin(last, last.id == Conversation.last_message_id)
+        .where(
+            Participant.user_id == bindparam("user_id"),
+            Conversation.tenant_id == bindparam("tenant_id"),
+        )
+        .order_by(Participant.last_activity_at.desc(), Participant.conversation_id.desc())
+        .limit(bindparam("limit"))
+    )
+    if variant == "one":
+        return query.where(Participant.conversation_id == bindparam("conversation_id"))
+    query = query.where(Participant.archived == bindparam("archived"))
+    if variant == "after":
+        query = query.where(
+            tuple_(Participant.last_activity_at, Participant.conversation_id)
+            < tuple_(bindparam("after_time"), bindparam("after_id"))
+        )
+    return query
+
+
+_SUMMARY_QUERIES = {variant: _summary_query(variant) for variant in ("first", "after", "one")}
+
+
+def _summaries(session: Session, user: User, variant: str, **values: Any) -> list[dict[str, Any]]:
+    rows = session.execute(
+        _SUMMARY_QUERIES[variant], {"user_id": user.id, "tenant_id": user.tenant_id, **values}
+    )
+    return [_summary_json(row, user.id) for row in rows]
+
+
 def list_conversations(
     session: Session, user: User, *, limit: int, cursor: str | None, archived: bool
 ) -> dict[str, Any]:
     """My conversations, latest activity first, one keyset page."""
-    query = (
-        select(Participant, Conversation)
-        .join(Conversation, Conversation.id == Participant.conversation_id)
-        .where(Participant.user_id == user.id, Participant.archived == archived)
-        .order_by(Participant.last_activity_at.desc(), Participant.conversation_id.desc())
-        .limit(limit + 1)
-    )
     if cursor:
         moment, conversation_id = decode_cursor(cursor)
-        query = query.where(
-            tuple_(Participant.last_activity_at, Participant.conversation_id)
-            < tuple_(moment, conversation_id)
+        rows = _summaries(
+            session,
+            user,
+            "after",
+            archived=archived,
+            limit=limit + 1,
+            after_time=moment,
+            after_id=conversation_id,
         )
-    rows = session.execute(query).all()
+    else:
+        rows = _summaries(session, user, "first", archived=archived, limit=limit + 1)
     page, more = rows[:limit], len(rows) > limit
-    conversations = [conversation for _, conversation in page]
-    people = _participants_by_conversation(session, [c.id for c in conversations])
-    last_messages = _messages_by_id(
-        session, [c.last_message_id for c in conversations if c.last_message_id]
-    )
-    items = [
-        conversation_json(
-            conversation,
-            participant,
-            people.get(conversation.id, []),
-            last_messages.get(conversation.last_message_id),
-            viewer_id=user.id,
-        )
-        for participant, conversation in page
-    ]
     next_cursor = None
     if more:
-        last_participant, _ = page[-1]
-        next_cursor = encode_cursor(
-            last_participant.last_activity_at, last_participant.conversation_id
-        )
-    return {"items": items, "next_cursor": next_cursor}
+        position, conversation_id = page[-1]["_position"], uuid.UUID(page[-1]["id"])
+        next_cursor = encode_cursor(position, conversation_id)
+    for item in page:
+        del item["_position"]
+    return {"items": page, "next_cursor": next_cursor}
 
 
 def get_conversation(session: Session, user: User, conversation_id: str) -> dict[str, Any]:
-    conversation, participant = member_conversation(session, user, conversation_id)
-    people = _participants_by_conversation(session, [conversation.id])
-    last = _messages_by_id(
-        session, [conversation.last_message_id] if conversation.last_message_id else []
+    rows = _summaries(
+        session, user, "one", limit=1, conversation_id=parse_uuid(conversation_id, "conversation")
     )
-    return conversation_json(
-        conversation,
-        participant,
-        people.get(conversation.id, []),
-        last.get(conversation.last_message_id),
-        viewer_id=user.id,
-    )
+    if not rows:
+        raise NotFound("No such conversation.", code="conversation_not_found")
+    del rows[0]["_position"]
+    return rows[0]
 
 
 def mark_read(
@@ -248,33 +295,6 @@ def unread_totals(session: Session, user: User) -> dict[str, int]:
     return {"total": int(total), "conversations": int(conversations)}
 
 
-def _participants_by_conversation(
-    session: Session, conversation_ids: list[uuid.UUID]
-) -> dict[uuid.UUID, list[User]]:
-    if not conversation_ids:
-        return {}
-    rows = session.execute(
-        select(Participant.conversation_id, User)
-        .join(User, User.id == Participant.user_id)
-        .where(Participant.conversation_id.in_(conversation_ids))
-        .order_by(User.id)
-    ).all()
-    people: dict[uuid.UUID, list[User]] = {}
-    for conversation_id, person in rows:
-        people.setdefault(conversation_id, []).append(person)
-    return people
-
-
-def _messages_by_id(session: Session, ids: list[uuid.UUID]) -> dict[uuid.UUID, Message]:
-    if not ids:
-        return {}
-    return {m.id: m for m in session.scalars(select(Message).where(Message.id.in_(ids)))}
-
-
-def person_json(user: User) -> dict[str, Any]:
-    return {"id": user.id, "display_name": user.display_name, "role": user.role}
-
-
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
@@ -289,38 +309,28 @@ def read_state_json(participant: Participant) -> dict[str, Any]:
     }
 
 
-def conversation_json(
-    conversation: Conversation,
-    participant: Participant,
-    people: list[User],
-    last_message: Message | None,
-    *,
-    viewer_id: str,
-) -> dict[str, Any]:
+def _summary_json(row: Any, viewer_id: str) -> dict[str, Any]:
     preview = None
-    if last_message is not None:
+    if row.last_id is not None:
+        deleted = row.last_deleted_at is not None
         preview = {
-            "id": str(last_message.id),
-            "sender_id": last_message.sender_id,
-            "created_at": _iso(last_message.created_at),
-            "deleted": last_message.deleted_at is not None,
-            "preview": (last_message.body or "")[:PREVIEW_LENGTH]
-            if last_message.deleted_at is None
-            else None,
+            "id": str(row.last_id),
+            "sender_id": row.last_sender_id,
+            "created_at": _iso(row.last_created_at),
+            "deleted": deleted,
+            "preview": None if deleted else row.last_preview,
         }
+    people = row.people or []
     return {
-        "id": str(conversation.id),
-        "subject": (
-            {"type": conversation.subject_type, "id": conversation.subject_id}
-            if conversation.subject_type
-            else None
-        ),
-        "status": conversation.status,
-        "participants": [person_json(person) for person in people],
-        "other_participants": [person_json(p) for p in people if p.id != viewer_id],
-        "created_at": _iso(conversation.created_at),
-        "last_activity_at": _iso(conversation.last_activity_at),
+        "id": str(row.conversation_id),
+        "subject": ({"type": row.subject_type, "id": row.subject_id} if row.subject_type else None),
+        "status": row.status,
+        "participants": people,
+        "other_participants": [person for person in people if person["id"] != viewer_id],
+        "created_at": _iso(row.created_at),
+        "last_activity_at": _iso(row.last_activity_at),
         "last_message": preview,
-        "unread_count": participant.unread_count,
-        "archived": participant.archived,
+        "unread_count": row.unread_count,
+        "archived": row.archived,
+        "_position": row.position,
     }

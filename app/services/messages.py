@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select, tuple_, update
+from sqlalchemy import Select, bindparam, case, exists, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app.events import append_events
 from app.models import AuditLog, Conversation, Message, Participant, User
@@ -219,35 +219,69 @@ def visible_message(session: Session, user: User, message_id: str) -> Message:
     return message
 
 
+def _history_query(variant: str) -> Select:
+    """A page of a conversation's messages, newest first, for one of its members: one
+    query, rows rather than ORM objects; built once per variant ("first" page or the
+    page "before" a message), values bound at execution."""
+    member = exists().where(
+        Participant.conversation_id == Message.conversation_id,
+        Participant.user_id == bindparam("user_id"),
+    )
+    query = (
+        select(*Message.__table__.c)
+        .where(
+            Message.conversation_id == bindparam("conversation_id"),
+            Message.tenant_id == bindparam("tenant_id"),
+            Message.status == "stored",
+            member,
+        )
+        .order_by(Message.created_at.desc(), Message.id.desc())
+        .limit(bindparam("limit"))
+    )
+    if variant == "before":
+        anchor = aliased(Message)
+        query = query.join(
+            anchor,
+            (anchor.id == bindparam("before"))
+            & (anchor.conversation_id == Message.conversation_id),
+        ).where(tuple_(Message.created_at, Message.id) < tuple_(anchor.created_at, anchor.id))
+    return query
+
+
+_HISTORY_QUERIES = {variant: _history_query(variant) for variant in ("first", "before")}
+
+
 def history(
     session: Session, user: User, conversation_id: str, *, limit: int, before: str | None
 ) -> dict[str, Any]:
     """Messages newest first; `before` is a message id (the previous page's `next_cursor`)."""
-    conversation, _ = member_conversation(session, user, conversation_id)
-    query = (
-        select(Message)
-        .where(Message.conversation_id == conversation.id, Message.status == "stored")
-        .order_by(Message.created_at.desc(), Message.id.desc())
-        .limit(limit + 1)
-    )
+    values: dict[str, Any] = {
+        "conversation_id": parse_uuid(conversation_id, "conversation"),
+        "user_id": user.id,
+        "tenant_id": user.tenant_id,
+        "limit": limit + 1,
+    }
     if before:
-        anchor = session.scalars(
-            select(Message).where(
-                Message.conversation_id == conversation.id,
-                Message.id == parse_uuid(before, "message"),
+        values["before"] = parse_uuid(before, "message")
+    rows = session.execute(_HISTORY_QUERIES["before" if before else "first"], values).all()
+    if not rows:
+        # Nothing to show: say why if it is not simply an empty page.
+        conversation, _ = member_conversation(session, user, conversation_id)
+        if (
+            before
+            and session.scalar(
+                select(Message.id).where(
+                    Message.id == values["before"], Message.conversation_id == conversation.id
+                )
             )
-        ).first()
-        if anchor is None:
+            is None
+        ):
             raise NotFound(
                 "before: no such message in this conversation.", code="message_not_found"
             )
-        query = query.where(
-            tuple_(Message.created_at, Message.id) < tuple_(anchor.created_at, anchor.id)
-        )
-    rows = list(session.scalars(query))
     page = rows[:limit]
     return {
-        "items": [message_json(m) for m in page],
+        "items": [message_json(row) for row in page],
         "next_cursor": str(page[-1].id) if len(rows) > limit else None,
     }
 
@@ -305,7 +339,8 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
-def message_json(message: Message) -> dict[str, Any]:
+def message_json(message: Any) -> dict[str, Any]:
+    """A message (an ORM object or a row of its columns) as the API shows it."""
     deleted = None
     if message.deleted_at is not None:
         deleted = {"at": _iso(message.deleted_at), "reason": message.delete_reason}
