@@ -60,7 +60,10 @@ def create_app(settings: Settings | None = None) -> Flask:
             "switchboard.redis": redis_client,
             "switchboard.tokens": TokenVerifier(settings),
             "switchboard.hub": Hub(settings.redis_url),
-            "switchboard.event_log": EventLog(database.sessions),
+            # Half the pool at most for the stream's reads; the API keeps the rest.
+            "switchboard.event_log": EventLog(
+                database.read_sessions, max_concurrent=max(1, settings.db_pool_size // 2)
+            ),
         }
     )
     celery = init_celery(app, settings)

@@ -1069,6 +1069,7 @@ def phase_open(
     stages = [list(range(first)), list(range(first, args.sockets))]
     results: list[tuple[int, bool, str, float, float]] = []
     rss_stage: list[int] = []
+    held_stage: list[int] = []  # sockets the server held when the RSS was read
     durations: list[float] = []
     meter.begin()
     deadline = time.monotonic() + args.connect_timeout
@@ -1096,6 +1097,8 @@ def phase_open(
             if proc_cpu_seconds(worker_pid) - before < 0.02:
                 break
         rss_stage.append(proc_rss_kb(worker_pid))
+        gauge = scrape(port).get("switchboard_sockets_open")
+        held_stage.append(int(gauge) if gauge is not None else opened)
         print(
             f"  stage: {len(stage)} handshakes in {durations[-1]:.2f}s "
             f"({len(stage) / durations[-1]:.0f}/s); {opened} open; "
@@ -1125,11 +1128,18 @@ def phase_open(
         f"fds {proc_fds(worker_pid)}, server sockets_open gauge "
         f"{metrics.get('switchboard_sockets_open', float('nan')):.0f}"
     )
-    if opened:
-        print(f"memory per open socket: {(rss1 - rss0) / opened:.1f} KiB (all-in)")
-    if len(rss_stage) == 2 and opened > first:
-        marginal = (rss_stage[1] - rss_stage[0]) / (opened - first)
-        print(f"memory per open socket: {marginal:.1f} KiB (marginal, sockets {first}..{opened})")
+    held = held_stage[-1] if held_stage else 0
+    if held > 0:
+        print(
+            f"memory per open socket: {(rss1 - rss0) / held:.1f} KiB "
+            f"(all-in, over the {held} sockets the server held)"
+        )
+    if len(rss_stage) == 2 and held_stage[1] > held_stage[0]:
+        marginal = (rss_stage[1] - rss_stage[0]) / (held_stage[1] - held_stage[0])
+        print(
+            f"memory per open socket: {marginal:.1f} KiB "
+            f"(marginal, sockets {held_stage[0]}..{held_stage[1]})"
+        )
     print(cpu_report)
     if args.idle_seconds > 0 and opened:
         meter.begin()
@@ -1306,9 +1316,11 @@ def phase_steady(
     print_bar(
         f"bar: p50 < {BAR_P50_MS:g} ms {verdict(p50r < BAR_P50_MS)} ({p50r:.1f}), "
         f"p99 < {BAR_P99_MS:g} ms {verdict(p99r < BAR_P99_MS)} ({p99r:.1f}), "
-        f"nothing missing or doubled {verdict(missing == 0 and duplicates == 0)}"
+        "nothing missing or doubled "
+        f"{verdict(missing == 0 and duplicates == 0 and bool(accepted))}"
+        + ("" if accepted else " (no send was accepted)")
     )
-    return {"missing": missing, "duplicates": duplicates}
+    return {"missing": missing, "duplicates": duplicates, "accepted": len(accepted)}
 
 
 class TimedPublisher:
@@ -1596,6 +1608,7 @@ def run(args: argparse.Namespace) -> int:
             or bool(closes)
             or steady.get("missing", 1) != 0
             or steady.get("duplicates", 1) != 0
+            or not steady.get("accepted")
             or any(t != t or t >= BAR_BROADCAST_MS / 1000 for t in totals)
         )
         return 1 if failed else 0

@@ -403,3 +403,20 @@ def test_a_peer_that_stops_answering_pings_is_dropped(
         answering.close()
     finally:
         system.stop()
+
+
+def test_per_message_compression_is_not_negotiated(live, make_user, token_for):
+    alice = make_user("alice", role="manager")
+    stream = websocket.create_connection(
+        live.ws_url(),
+        header=[
+            f"Authorization: Bearer {token_for(alice)}",
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+        ],
+        timeout=10,
+    )
+    try:
+        headers = {k.lower(): v for k, v in (stream.getheaders() or {}).items()}
+        assert "sec-websocket-extensions" not in headers
+    finally:
+        stream.close()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
 import uuid
 from typing import Any
 
+import sqlalchemy.exc
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
@@ -26,13 +28,17 @@ from app.models import Participant
 from app.problems import ApiError
 from app.stream.connection import (
     CLOSE_BAD_REQUEST,
+    CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
     CLOSE_TOKEN_EXPIRED,
+    CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
     StreamConnection,
 )
+from app.stream.log import EventLog
 from app.stream.sockets import serialize_writes
 
+log = logging.getLogger(__name__)
 blueprint = Blueprint("stream", __name__, url_prefix="/v1")
 sock = Sock()
 
@@ -53,8 +59,9 @@ class TypingRelay:
     """Relays a member's typing to the conversation's other members, at most once per
     TYPING_INTERVAL_SECONDS per conversation; never stored."""
 
-    def __init__(self, user_id: str, tenant_id: str) -> None:
+    def __init__(self, user_id: str, tenant_id: str, event_log: EventLog) -> None:
         self.user_id, self.tenant_id = user_id, tenant_id
+        self._event_log = event_log
         self._others: dict[uuid.UUID, tuple[float, list[str]]] = {}
         self._last_sent: dict[uuid.UUID, float] = {}
 
@@ -62,7 +69,7 @@ class TypingRelay:
         cached = self._others.get(conversation_id)
         if cached and time.monotonic() - cached[0] < MEMBERSHIP_CACHE_SECONDS:
             return cached[1]
-        with current_app.extensions["switchboard.db"].sessions() as session:
+        with self._event_log.session() as session:
             members = list(
                 session.scalars(
                     select(Participant.user_id).where(
@@ -104,19 +111,40 @@ class TypingRelay:
         return None
 
 
+@blueprint.before_request
+def _no_compression() -> None:
+    # Frames are small JSON: per-message deflate would cost ~90 KiB and CPU per socket.
+    request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
 @sock.route("/stream", bp=blueprint)
 def stream(ws: Any) -> None:
+    """After the handshake nothing may answer in HTTP: every failure is a close code."""
+    try:
+        serve_stream(ws)
+    except ConnectionClosed:
+        pass
+    except sqlalchemy.exc.TimeoutError:
+        log.warning("stream setup found no free database connection")
+        _close(ws, CLOSE_TRY_AGAIN_LATER, "overloaded: reconnect in a moment")
+    except Exception:
+        log.exception("stream failed")
+        _close(ws, CLOSE_INTERNAL_ERROR, "internal_error: reconnect")
+
+
+def serve_stream(ws: Any) -> None:
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     settings = app.extensions["switchboard.settings"]
+    event_log = app.extensions["switchboard.event_log"]
 
     header = request.headers.get("Authorization")
     token = request.args.get("token")
     try:
         raw = parse_bearer(header) if header or not token else token
         claims = app.extensions["switchboard.tokens"].verify(raw)
-        with app.extensions["switchboard.db"].sessions() as session:
+        with event_log.session() as session:
             user = load_user(session, claims)
-            user_id, tenant_id = user.id, user.tenant_id
+            user_id, tenant_id, seq_at_connect = user.id, user.tenant_id, user.last_event_seq
     except ApiError as exc:
         _close(ws, CLOSE_UNAUTHORIZED, f"{exc.code}: {exc.message}")
         return
@@ -138,16 +166,17 @@ def stream(ws: Any) -> None:
     connection = StreamConnection(
         ws,
         user_id,
-        app.extensions["switchboard.event_log"],
+        event_log,
         last_event_id=last_event_id,
+        seq_at_connect=seq_at_connect,
         queue_size=settings.stream_queue_size,
     )
-    # Registered before the writer reads the log: an event committed after that read
-    # is announced after registration, so it reaches the queue; none falls in between.
+    # Registered before the writer reads the log: an event committed after the user row
+    # was read is either replayed by the writer or announced to it; none falls between.
     hub.register(connection)
     writer = threading.Thread(target=connection.run_writer, name=f"stream-{user_id}", daemon=True)
     writer.start()
-    typing = TypingRelay(user_id, tenant_id)
+    typing = TypingRelay(user_id, tenant_id, event_log)
     expires_at = time.monotonic() + max(0.0, claims.expires_at.timestamp() - time.time())
     try:
         while not connection.finished.is_set():

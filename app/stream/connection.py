@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_TOKEN_EXPIRED = 4002
 CLOSE_SLOW_CONSUMER = 4008
@@ -62,6 +63,7 @@ class StreamConnection:
         event_log: EventLog,
         *,
         last_event_id: int | None,
+        seq_at_connect: int,
         queue_size: int,
     ) -> None:
         self.ws = ws
@@ -69,6 +71,7 @@ class StreamConnection:
         self.last_seq = 0
         self._log = event_log
         self._last_event_id = last_event_id
+        self._seq_at_connect = seq_at_connect
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._close_request: CloseRequest | None = None
         self.finished = threading.Event()
@@ -129,7 +132,7 @@ class StreamConnection:
             self.finished.set()
 
     def _start(self) -> None:
-        plan = self._log.plan(self.user_id, self._last_event_id)
+        plan = self._log.plan(self.user_id, self._last_event_id, self._seq_at_connect)
         log.debug(
             "stream for %s starts after #%d (resync: %s, current #%d)",
             self.user_id,
@@ -149,8 +152,9 @@ class StreamConnection:
                     },
                 }
             )
-        else:
-            self._replay(up_to=None)
+        # Replays what was missed, and whatever committed since the user row was read
+        # at connect (before this socket was registered with the hub).
+        self._replay(up_to=None)
 
     def _deliver(self, announcement: dict[str, Any]) -> None:
         seq = announcement.get("id")

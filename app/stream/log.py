@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.events import Event
-from app.models import User, UserEvent
+from app.models import UserEvent
 
 REPLAY_BATCH = 500
 
@@ -25,33 +27,38 @@ class ReplayPlan:
 
 
 class EventLog:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    """The stream's reads of the database, never more than `max_concurrent` at once, so
+    that a reconnect storm queues here instead of taking every pooled connection from
+    the API."""
+
+    def __init__(self, sessions: sessionmaker[Session], max_concurrent: int = 5) -> None:
         self._sessions = sessions
+        self._slots = threading.BoundedSemaphore(max_concurrent)
 
-    def current_seq(self, user_id: str) -> int:
-        with self._sessions() as session:
-            return session.scalar(select(User.last_event_seq).where(User.id == user_id)) or 0
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._slots, self._sessions() as session:
+            yield session
 
-    def plan(self, user_id: str, last_event_id: int | None) -> ReplayPlan:
-        with self._sessions() as session:
-            current = session.scalar(select(User.last_event_seq).where(User.id == user_id)) or 0
-            if last_event_id is None:
-                return ReplayPlan(current, False, current)
-            if last_event_id > current:
-                return ReplayPlan(current, True, current)
-            if last_event_id == current:
-                return ReplayPlan(current, False, current)
+    def plan(self, user_id: str, last_event_id: int | None, current_seq: int) -> ReplayPlan:
+        """Where to start, given the user's sequence when they connected (`current_seq`).
+        Whatever came after it is replayed next, so the plan needs no fresher figure."""
+        if last_event_id is None or last_event_id == current_seq:
+            return ReplayPlan(current_seq, False, current_seq)
+        if last_event_id > current_seq:
+            return ReplayPlan(current_seq, True, current_seq)
+        with self.session() as session:
             oldest = session.scalar(
                 select(func.min(UserEvent.seq)).where(UserEvent.user_id == user_id)
             )
-            if oldest is None or oldest > last_event_id + 1:
-                return ReplayPlan(current, True, current)
-            return ReplayPlan(last_event_id, False, current)
+        if oldest is None or oldest > last_event_id + 1:
+            return ReplayPlan(current_seq, True, current_seq)
+        return ReplayPlan(last_event_id, False, current_seq)
 
     def after(self, user_id: str, after_seq: int, up_to: int | None = None) -> Iterator[Event]:
         """Events after `after_seq` (up to `up_to` inclusive), in order, in batches."""
         while True:
-            with self._sessions() as session:
+            with self.session() as session:
                 query = (
                     select(UserEvent.seq, UserEvent.type, UserEvent.payload)
                     .where(UserEvent.user_id == user_id, UserEvent.seq > after_seq)
