@@ -1,8 +1,8 @@
 """Open-loop load benchmark of the messaging API against a million stored messages.
 
-    /tmp/venv/bin/python bench/api_load.py                 # seed if needed, then 200 req/s for 60 s
-    /tmp/venv/bin/python bench/api_load.py --reseed        # rebuild the data set first
-    /tmp/venv/bin/python bench/api_load.py --skip-seed --rate 300 --duration 120
+    .venv/bin/python bench/api_load.py                 # seed if needed, then 200 req/s for 60 s
+    .venv/bin/python bench/api_load.py --reseed        # rebuild the data set first
+    .venv/bin/python bench/api_load.py --skip-seed --rate 300 --duration 120
 
 It seeds a database of its own (one bookstore tenant, ~5,000 users, ~20,000 two-person
 conversations of skewed length, ~1,000,000 messages) with set-based SQL, starts the web

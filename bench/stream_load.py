@@ -1,8 +1,8 @@
 """WebSocket stream benchmark: open sockets, send-to-socket latency, broadcast-sized fan-out.
 
-    /tmp/venv/bin/python bench/stream_load.py                    # 5,000 sockets, 200 msg/s, 30 s
-    /tmp/venv/bin/python bench/stream_load.py --sockets 1000 --rate 100 --duration 10
-    /tmp/venv/bin/python bench/stream_load.py --deflate          # clients offer permessage-deflate
+    .venv/bin/python bench/stream_load.py                    # 5,000 sockets, 200 msg/s, 30 s
+    .venv/bin/python bench/stream_load.py --sockets 1000 --rate 100 --duration 10
+    .venv/bin/python bench/stream_load.py --deflate          # clients offer permessage-deflate
 
 It creates a database of its own, provisions N members of one bookstore tenant and N/2
 two-person conversations between them, starts ONE web process (the Procfile's gunicorn line,
