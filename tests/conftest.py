@@ -161,7 +161,7 @@ def make_user(app: Flask) -> Callable[..., User]:
 def auth(app: Flask) -> Callable[..., dict[str, str]]:
     """Headers carrying a valid token for a user."""
 
-    def headers(user: User, **claims: object) -> dict[str, str]:
+    def headers(user: User) -> dict[str, str]:
         token = mint_token(
             app.extensions["switchboard.settings"],
             user.id,

@@ -12,6 +12,7 @@ from flask import Blueprint, current_app
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from app.models import Message
 from app.policy import Decision, Policy
 from app.problems import ApiError, BadRequest, Conflict, Forbidden, PayloadTooLarge, Unavailable
 from app.services import conversations as service
@@ -25,6 +26,7 @@ from app.services.messages import (
 from app.services.sends import PendingSends
 from app.validation import ExternalId
 from app.web import current_user, parse_body, parse_query, session
+from workers.tasks import send_message
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("conversations", __name__, url_prefix="/v1")
@@ -159,9 +161,6 @@ def list_messages(conversation_id: str) -> ResponseReturnValue:
 @blueprint.post("/conversations/<conversation_id>/messages")
 def send(conversation_id: str) -> ResponseReturnValue:
     """Validate, pre-check and enqueue; the worker decides and stores. 202 with the id."""
-    from app.models import Message
-    from workers.tasks import send_message
-
     user, body = current_user(), parse_body(SendBody)
     db = session()
     conversation, _ = service.member_conversation(db, user, conversation_id)

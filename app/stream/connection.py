@@ -16,7 +16,6 @@ import logging
 import queue
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -201,10 +200,3 @@ class StreamConnection:
         # Also wakes simple-websocket's reader, and with it the route waiting to receive.
         with contextlib.suppress(OSError):
             self.ws.sock.shutdown(socket.SHUT_RDWR)
-
-
-def wait_until(deadline_monotonic: float | None) -> float | None:
-    """Seconds until a monotonic deadline (None: no deadline)."""
-    if deadline_monotonic is None:
-        return None
-    return max(0.0, deadline_monotonic - time.monotonic())
