@@ -24,11 +24,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.errors import register_error_handlers
     from app.events import PUBLISHER_KEY, RedisPublisher
     from app.policy import load_policy
+    from app.services.sends import oldest_queued_age_seconds
     from app.stream.hub import Hub
     from app.stream.log import EventLog
     from app.web import install_request_hooks
     from monitoring.logging import configure_logging
-    from monitoring.metrics import QueueDepthCollector, build_registry
+    from monitoring.metrics import QueueDepthCollector, QueuedSendsCollector, build_registry
     from workers.celery_app import QUEUES, init_celery
 
     settings = settings or load_settings()
@@ -69,13 +70,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     celery = init_celery(app, settings)
 
     def queue_depths() -> dict[str, int]:
-        # Celery's Redis transport keeps each queue as a list named after it.
-        with celery.connection_for_read() as connection:
-            client = connection.default_channel.client
-            return {queue: int(client.llen(queue)) for queue in QUEUES}
+        from workers.broker import queue_depths as broker_queue_depths
+
+        return broker_queue_depths(celery, QUEUES)
+
+    def queued_sends() -> tuple[int, float]:
+        with database.read_sessions() as session:
+            return oldest_queued_age_seconds(session)
 
     app.extensions["switchboard.metrics_registry"] = build_registry(
-        [QueueDepthCollector(queue_depths)]
+        [QueueDepthCollector(queue_depths), QueuedSendsCollector(queued_sends)]
     )
 
     install_request_hooks(app)

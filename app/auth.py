@@ -10,17 +10,29 @@ same way whether the user is missing or belongs to another tenant.
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import jwt
+from jwt.exceptions import InvalidSubjectError
 from sqlalchemy.orm import Session
 
 from app.models import User
 from app.problems import Unauthorized
 from app.settings import Settings
+from app.validation import is_external_id
 
-MAX_CLAIM_LENGTH = 128
+# A compact JWS: three base64url segments (the signature may be empty, as with alg none,
+# which the algorithm check refuses). Checked first so that PyJWT's own wording for a
+# malformed token ("Not enough segments", "Invalid header padding") never reaches a client.
+_COMPACT_TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*", re.ASCII)
+MAX_TOKEN_LENGTH = 8192
+# `exp` must name an instant a datetime can hold: a second before year 10000 (UTC).
+MAX_EXP = 253_402_300_799
+
+_MALFORMED = "The token is malformed."
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +40,10 @@ class TokenClaims:
     user_id: str
     tenant_id: str
     expires_at: datetime
+
+
+def _refuse(message: str, code: str = "invalid_token") -> Unauthorized:
+    return Unauthorized(message, code=code)
 
 
 class TokenVerifier:
@@ -39,7 +55,12 @@ class TokenVerifier:
         self._leeway = settings.jwt_leeway_seconds
 
     def verify(self, token: str) -> TokenClaims:
-        """Return the token's claims, or raise `Unauthorized` saying what is wrong."""
+        """Return the token's claims, or raise `Unauthorized` saying what is wrong.
+
+        A correctly signed token may still carry claims of any JSON type: each one we
+        use is type-checked here, so an odd one is a 401, never an error further on."""
+        if len(token) > MAX_TOKEN_LENGTH or not _COMPACT_TOKEN.fullmatch(token):
+            raise _refuse(_MALFORMED)
         options = {"require": ["exp", "sub"], "verify_aud": self._audience is not None}
         try:
             claims = jwt.decode(
@@ -52,35 +73,52 @@ class TokenVerifier:
                 options=options,
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthorized("The token has expired.", code="token_expired") from None
+            raise _refuse("The token has expired.", "token_expired") from None
         except jwt.InvalidAudienceError:
-            raise Unauthorized(
-                "The token's audience is not accepted.", code="invalid_audience"
-            ) from None
+            raise _refuse("The token's audience is not accepted.", "invalid_audience") from None
         except jwt.InvalidIssuerError:
-            raise Unauthorized(
-                "The token's issuer is not accepted.", code="invalid_issuer"
-            ) from None
+            raise _refuse("The token's issuer is not accepted.", "invalid_issuer") from None
         except jwt.MissingRequiredClaimError as exc:
-            raise Unauthorized(
-                f"The token lacks the required claim '{exc.claim}'.", code="invalid_token"
-            ) from None
+            raise _refuse(f"The token lacks the required claim '{exc.claim}'.") from None
         except jwt.InvalidAlgorithmError:
-            raise Unauthorized(
-                "The token's algorithm is not accepted.", code="invalid_token"
-            ) from None
+            raise _refuse("The token's algorithm is not accepted.") from None
         except jwt.InvalidSignatureError:
-            raise Unauthorized("The token's signature is invalid.", code="invalid_token") from None
-        except jwt.PyJWTError as exc:
-            raise Unauthorized(f"The token is invalid: {exc}.", code="invalid_token") from None
+            raise _refuse("The token's signature is invalid.") from None
+        except jwt.ImmatureSignatureError:
+            raise _refuse("The token is not valid yet.") from None
+        except jwt.InvalidIssuedAtError:
+            raise _refuse("The token's 'iat' claim must be a number.") from None
+        except InvalidSubjectError:
+            raise _refuse("The token's 'sub' claim must be a user id.") from None
+        except jwt.PyJWTError:
+            # Bad base64 or JSON, a header or claim of the wrong type: PyJWT's wording
+            # ("Not enough segments", "Invalid header padding") means nothing to a person.
+            raise _refuse(_MALFORMED) from None
 
-        user_id, tenant_id = claims.get("sub"), claims.get("tenant")
-        for name, value in (("sub", user_id), ("tenant", tenant_id)):
-            if not isinstance(value, str) or not value or len(value) > MAX_CLAIM_LENGTH:
-                raise Unauthorized(
-                    f"The token's '{name}' claim must be a non-empty string.", code="invalid_token"
-                )
-        return TokenClaims(user_id, tenant_id, datetime.fromtimestamp(claims["exp"], UTC))
+        return TokenClaims(
+            user_id=_identity_claim(claims, "sub", "user id"),
+            tenant_id=_identity_claim(claims, "tenant", "tenant id"),
+            expires_at=_expiry(claims.get("exp")),
+        )
+
+
+def _identity_claim(claims: dict[str, Any], name: str, what: str) -> str:
+    """`sub` or `tenant`: an id as the admin API accepts them, so no NUL, space or
+    oversized value reaches the user look-up (and with it SQL)."""
+    value = claims.get(name)
+    if not is_external_id(value):
+        raise _refuse(
+            f"The token's '{name}' claim must be a {what}: 1 to 128 letters, digits or . _ : @ + -."
+        )
+    return value
+
+
+def _expiry(exp: Any) -> datetime:
+    # PyJWT accepts anything int() takes ("1999999999" as a string, 1e20); we take only a
+    # JSON number a datetime can hold.
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not 0 <= exp <= MAX_EXP:
+        raise _refuse("The token's 'exp' claim must be a time in seconds since 1970.")
+    return datetime.fromtimestamp(exp, UTC)
 
 
 def parse_bearer(header: str | None) -> str:

@@ -3,6 +3,10 @@
 switchboard up             start the whole system (web, worker, beat) on this machine
 switchboard db upgrade     apply the migrations (the Procfile's release line)
 switchboard token USER_ID  mint a development token for a provisioned user
+
+`up` saves the settings it ran with to <state dir>/env (mode 0600); `token` and `db`
+read any variable the environment lacks from there, so they work from a new shell
+while the laptop setup runs.
 """
 
 from __future__ import annotations
@@ -10,26 +14,82 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
 import click
-from flask import current_app
+from flask import Flask, current_app
 from flask.cli import FlaskGroup, with_appcontext
 
-from app.settings import SettingsError, normalise_database_url
+from app.policy import PolicyError, load_policy
+from app.settings import SettingsError, load_settings, normalise_database_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+STATE_DIR_VARIABLE = "SWITCHBOARD_STATE_DIR"
+DEFAULT_STATE_DIR = Path(".switchboard")
+ENV_FILE_NAME = "env"
+# What `up` saves besides every SWITCHBOARD_* variable: the rest of the settings' inputs.
+SAVED_VARIABLES = ("DATABASE_URL", "REDIS_URL", "PORT")
 
 
-def _create_app():
+def state_env_path() -> Path:
+    """The env file of the laptop setup: in $SWITCHBOARD_STATE_DIR, else ./.switchboard."""
+    return Path(os.environ.get(STATE_DIR_VARIABLE) or DEFAULT_STATE_DIR) / ENV_FILE_NAME
+
+
+def write_state_env(path: Path, env: Mapping[str, str]) -> None:
+    """Save the settings in `env` as shell assignments (`set -a; . <path>` loads them too),
+    readable by the owner only: they include the service token and the JWT secret."""
+    names = sorted(n for n in env if n in SAVED_VARIABLES or n.startswith("SWITCHBOARD_"))
+    text = "# Written by `switchboard up`: the settings it runs with.\n" + "".join(
+        f"{name}={shlex.quote(env[name])}\n" for name in names
+    )
+    partial = path.with_name(path.name + ".partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # os.open's mode only applies to a new file; a leftover one may have had another.
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    partial.replace(path)
+
+
+def read_state_env(path: Path) -> dict[str, str]:
+    """The assignments in an env file written by `write_state_env` ({} when there is none)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    # shlex, not lines: a quoted value (a PEM public key) may span several lines.
+    values = {}
+    for word in shlex.split(text, comments=True):
+        name, equals, value = word.partition("=")
+        if equals:
+            values[name] = value
+    return values
+
+
+def use_state_env() -> None:
+    """Fill in the variables the environment lacks from the laptop setup's env file;
+    a variable that is set, even to another value, wins."""
+    for name, value in read_state_env(state_env_path()).items():
+        os.environ.setdefault(name, value)
+
+
+def _create_app() -> Flask:
     from app import create_app
 
-    return create_app()
+    use_state_env()
+    try:
+        return create_app()
+    except (SettingsError, PolicyError) as exc:
+        # click prints this as one line; the message names the variable or policy key.
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group(
@@ -63,6 +123,7 @@ def upgrade_database(database_url: str, revision: str = "head") -> None:
 
 
 def _database_url_from_env() -> str:
+    use_state_env()
     url = os.environ.get("DATABASE_URL")
     if not url:
         raise click.ClickException("DATABASE_URL: is required")
@@ -110,12 +171,20 @@ def db_current() -> None:
 @with_appcontext
 def token(user_id: str, hours: int) -> None:
     """Mint a development token for a provisioned user (needs SWITCHBOARD_JWT_SECRET)."""
+    from sqlalchemy.exc import OperationalError
+
     from app.auth import mint_token
     from app.models import User
 
     database = current_app.extensions["switchboard.db"]
-    with database.sessions() as session:
-        user = session.get(User, user_id)
+    try:
+        with database.sessions() as session:
+            user = session.get(User, user_id)
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise click.ClickException(
+            f"DATABASE_URL: cannot connect ({reason}); is `switchboard up` still running?"
+        ) from None
     if user is None:
         raise click.ClickException(
             f"no user '{user_id}': provision it first with PUT /v1/admin/users/{user_id}"
@@ -162,21 +231,33 @@ def _provision_demo(app) -> dict[str, str]:
     return tokens
 
 
+LOOPBACK_HOST = "127.0.0.1"
+
+
 @cli.command("up", with_appcontext=False)
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path),
-    default=Path(".switchboard"),
+    default=DEFAULT_STATE_DIR,
+    envvar=STATE_DIR_VARIABLE,
     show_default=True,
-    help="Where embedded servers and generated secrets live.",
+    help="Where embedded servers, generated secrets and the saved settings live.",
 )
 @click.option("--port", type=int, default=None, help="HTTP port (default: $PORT or 8000).")
-def up(state_dir: Path, port: int | None) -> None:
+@click.option(
+    "--host",
+    default=LOOPBACK_HOST,
+    envvar="SWITCHBOARD_BIND_HOST",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 lets other machines in (and use the demo tokens).",
+)
+def up(state_dir: Path, port: int | None, host: str) -> None:
     """Start the whole system: web, worker and beat, as the Procfile has them.
 
     Without DATABASE_URL / REDIS_URL it starts an embedded PostgreSQL and Redis
     under --state-dir; it generates the secrets it needs there too, applies the
-    migrations, provisions demo users and prints how to call the API.
+    migrations, provisions demo users and prints how to call the API. The settings
+    it runs with go to <state dir>/env for `switchboard token` and `switchboard db`.
     """
     from app import create_app
     from app.embedded import RedisServer, start_postgres
@@ -187,17 +268,19 @@ def up(state_dir: Path, port: int | None) -> None:
         env["PORT"] = str(port)
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    stoppers = []
-
-    if not env.get("DATABASE_URL"):
-        click.echo(f"DATABASE_URL not set: starting embedded PostgreSQL in {state_dir / 'pgdata'}")
-        server, env["DATABASE_URL"] = start_postgres(state_dir / "pgdata")
-        stoppers.append(server.cleanup)
-    if not env.get("REDIS_URL"):
-        redis_server = RedisServer(state_dir / "redis", persistent=True).start()
-        env["REDIS_URL"] = redis_server.url
-        click.echo(f"REDIS_URL not set: started embedded Redis at {redis_server.url}")
-        stoppers.append(redis_server.stop)
+    # The Procfile's web line reads these: a laptop listens on loopback only (the welcome
+    # text prints 7-day tokens), and keeps its metrics files with the rest of its state.
+    env["SWITCHBOARD_BIND_HOST"] = host
+    env.setdefault("SWITCHBOARD_WORKER_METRICS_HOST", host)
+    env[STATE_DIR_VARIABLE] = str(state_dir)
+    # The Procfile names gunicorn and celery bare; find this environment's even when
+    # `switchboard up` was run by its path with the venv not activated.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(
+        [bin_dir, *(d for d in env.get("PATH", "").split(os.pathsep) if d)]
+    )
+    # Not the shared temp dir: every checkout on the machine would share one schedule.
+    env.setdefault("CELERY_BEAT_SCHEDULE", str(state_dir / "celerybeat-schedule"))
 
     secrets_file = state_dir / "secrets.json"
     generated = json.loads(secrets_file.read_text()) if secrets_file.exists() else {}
@@ -207,16 +290,41 @@ def up(state_dir: Path, port: int | None) -> None:
     secrets_file.write_text(json.dumps(generated, indent=2))
     secrets_file.chmod(0o600)
 
+    # Refuse a bad variable or policy file before starting any server. The URLs of
+    # servers not started yet stand in as placeholders; they are checked again below.
+    _check_configuration(
+        {
+            **env,
+            "DATABASE_URL": env.get("DATABASE_URL") or "postgresql://embedded/switchboard",
+            "REDIS_URL": env.get("REDIS_URL") or "redis://embedded:6379/0",
+        }
+    )
+
+    stoppers = []
     try:
+        if not env.get("DATABASE_URL"):
+            pgdata = state_dir / "pgdata"
+            click.echo(f"DATABASE_URL not set: starting embedded PostgreSQL in {pgdata}")
+            server, env["DATABASE_URL"] = start_postgres(pgdata)
+            stoppers.append(server.cleanup)
+        if not env.get("REDIS_URL"):
+            redis_server = RedisServer(state_dir / "redis", persistent=True).start()
+            env["REDIS_URL"] = redis_server.url
+            click.echo(f"REDIS_URL not set: started embedded Redis at {redis_server.url}")
+            stoppers.append(redis_server.stop)
+        _check_configuration(env)
+        env_file = state_dir / ENV_FILE_NAME
+        write_state_env(env_file, env)
+
         os.environ.update(env)
         upgrade_database(env["DATABASE_URL"])
         try:
             app = create_app()
-        except SettingsError as exc:
+        except (SettingsError, PolicyError) as exc:
             raise click.ClickException(str(exc)) from None
         demo_tokens = _provision_demo(app)
         app.extensions["switchboard.db"].dispose()
-        _print_welcome(env, demo_tokens)
+        _print_welcome(env, demo_tokens, state_dir)
         procfile = PROJECT_ROOT / "Procfile"
         honcho = [
             sys.executable,
@@ -247,24 +355,70 @@ def up(state_dir: Path, port: int | None) -> None:
             stop()
 
 
-def _print_welcome(env: dict[str, str], demo_tokens: dict[str, str]) -> None:
-    base = f"http://127.0.0.1:{env['PORT']}"
+def _check_configuration(env: Mapping[str, str]) -> None:
+    """One line naming the bad variable or policy key, instead of a traceback."""
+    try:
+        load_policy(load_settings(env).policy)
+    except (SettingsError, PolicyError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def cli_command(state_dir: Path) -> str:
+    """How to run this `switchboard` from a new shell in the current directory: the
+    venv's bin dir need not be on PATH, and a state dir other than ./.switchboard must
+    be named for `token` and `db` to find the saved settings."""
+    script = Path(sys.executable).parent / "switchboard"
+    if script.exists():
+        relative = os.path.relpath(script)
+        if relative.startswith(os.pardir):
+            command = shlex.quote(str(script))
+        else:
+            command = shlex.quote(relative if os.sep in relative else f".{os.sep}{relative}")
+    else:
+        command = f"{shlex.quote(sys.executable)} -m app.cli"
+    if state_dir.resolve() != DEFAULT_STATE_DIR.resolve():
+        command = f"{STATE_DIR_VARIABLE}={shlex.quote(str(state_dir))} {command}"
+    return command
+
+
+def _print_welcome(env: dict[str, str], demo_tokens: dict[str, str], state_dir: Path) -> None:
+    host = env["SWITCHBOARD_BIND_HOST"]
+    shown = LOOPBACK_HOST if host in ("0.0.0.0", "::", "") else host
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    base = f"http://{shown}:{env['PORT']}"
     policy = env.get("SWITCHBOARD_POLICY", "bookstore")
+    metrics_auth = (
+        " -H 'Authorization: Bearer $SWITCHBOARD_METRICS_TOKEN'"
+        if env.get("SWITCHBOARD_METRICS_TOKEN")
+        else ""
+    )
     lines = [
         "",
-        f"Switchboard is starting at {base}  (policy: {policy})",
+        f"Switchboard is starting at {base}  (policy: {policy}, listening on {host})",
         f"  readiness:  curl {base}/health/ready",
-        f"  metrics:    curl {base}/metrics",
+        f"  metrics:    curl {base}/metrics{metrics_auth}",
         "  provision a user with the service token:",
         f"    curl -X PUT {base}/v1/admin/users/dave -H 'Authorization: Bearer "
         f"{env['SWITCHBOARD_SERVICE_TOKEN']}' -H 'Content-Type: application/json' "
         '-d \'{"tenant": "demo", "role": "member", "display_name": "Dave"}\'',
-        "  mint a token for a user (same environment):  switchboard token dave",
+        f"  mint a token for a user (from any shell in {Path.cwd()}):",
+        f"    {cli_command(state_dir)} token dave",
+        f"  settings in use (for `token` and `db`): {state_dir / ENV_FILE_NAME}",
     ]
     if demo_tokens:
         lines.append("  demo users in tenant 'demo', with 7-day tokens:")
         lines += [f"    {user}: {token}" for user, token in demo_tokens.items()]
     click.echo("\n".join(lines) + "\n")
+
+
+def _add_job_commands() -> None:
+    from schedules.cli import jobs
+
+    cli.add_command(jobs)
+
+
+_add_job_commands()
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import kombu.exceptions
+import redis.exceptions
 import sqlalchemy.exc
 from flask import Flask, g, jsonify
 from flask.typing import ResponseReturnValue
@@ -60,11 +62,24 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(sqlalchemy.exc.DBAPIError)
     def _database_error(exc: sqlalchemy.exc.DBAPIError) -> ResponseReturnValue:
-        if not exc.connection_invalidated:
+        # OperationalError and InterfaceError are the driver's "could not reach or lost
+        # the server" (refused, restarting, shutting down); anything else is a bug.
+        unreachable = isinstance(
+            exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError
+        )
+        if not (exc.connection_invalidated or unreachable):
             return _unexpected(exc)
-        log.warning("database connection lost: %s", exc)
-        body = error_body("database_unavailable", "The database connection was lost; retry.")
+        log.warning("database unavailable: %s", exc.orig or exc)
+        body = error_body("database_unavailable", "The database is unavailable; retry shortly.")
         return jsonify(body), 503, {"Retry-After": "1"}
+
+    @app.errorhandler(redis.exceptions.ConnectionError)
+    @app.errorhandler(redis.exceptions.TimeoutError)
+    @app.errorhandler(kombu.exceptions.OperationalError)
+    def _redis_or_broker_error(exc: Exception) -> ResponseReturnValue:
+        log.warning("Redis or the broker is unavailable: %r", exc)
+        body = error_body("service_unavailable", "A backing service is unavailable; retry shortly.")
+        return jsonify(body), 503, {"Retry-After": "2"}
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> ResponseReturnValue:

@@ -2,16 +2,54 @@
 
 gevent workers hold thousands of idle sockets cheaply. Metrics from all
 workers are aggregated through prometheus-client's multiprocess mode.
+
+Binds 0.0.0.0 (what a platform router such as Heroku's needs) unless
+SWITCHBOARD_BIND_HOST says otherwise; `switchboard up` sets it to 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
+
+
+def _bind_address(host: str, port: str) -> str:
+    # An IPv6 literal needs brackets to keep its colons apart from the port's.
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def check_configuration() -> None:
+    """Stop with one line naming the bad variable or policy key.
+
+    Without this the master forks its workers, each fails to build the app with a
+    traceback, and the master exits with "Worker failed to boot". Runs while gunicorn
+    reads this file, before it logs anything, so the line is all an operator sees.
+    """
+    from app.policy import PolicyError, load_policy
+    from app.settings import SettingsError, load_settings
+
+    try:
+        load_policy(load_settings().policy)
+    except (SettingsError, PolicyError) as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+check_configuration()
+
+bind = _bind_address(
+    os.environ.get("SWITCHBOARD_BIND_HOST") or "0.0.0.0", os.environ.get("PORT", "8000")
+)
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gevent"
 worker_connections = int(os.environ.get("SWITCHBOARD_WORKER_CONNECTIONS", "10000"))
@@ -21,18 +59,36 @@ keepalive = 5
 accesslog = None
 errorlog = "-"
 
+# The metrics directory this process chose itself (and so removes on exit); None when
+# PROMETHEUS_MULTIPROC_DIR was given, as that one belongs to whoever set it.
+_OWN_METRICS_DIR: Path | None = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="switchboard-metrics-")
+    _state_dir = os.environ.get("SWITCHBOARD_STATE_DIR")
+    if _state_dir:
+        # `switchboard up`: keep it with the rest of the laptop's state, not in the shared
+        # temp dir. (Not via PROMETHEUS_MULTIPROC_DIR: honcho gives every process the
+        # same environment, and the Celery processes would switch to multiprocess mode
+        # in a directory this process wipes on start.)
+        _OWN_METRICS_DIR = Path(_state_dir) / "web-metrics"
+    else:
+        _OWN_METRICS_DIR = Path(tempfile.mkdtemp(prefix="switchboard-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_OWN_METRICS_DIR)
 
 
-def on_starting(server) -> None:
+def on_starting(server: Arbiter) -> None:
     # Values left by a previous run would be added to this run's.
     directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
 
 
-def child_exit(server, worker) -> None:
+def child_exit(server: Arbiter, worker: Worker) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Arbiter) -> None:
+    # Otherwise every run leaves a switchboard-metrics-* folder in the temp dir.
+    if _OWN_METRICS_DIR is not None:
+        shutil.rmtree(_OWN_METRICS_DIR, ignore_errors=True)

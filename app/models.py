@@ -25,6 +25,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -147,9 +148,15 @@ class Message(Base):
     client_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     body: Mapped[str | None] = mapped_column(Text)
     body_sha256: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), server_default=text("'stored'"))
+    # queued (accepted by the API: the outbox row), then stored or rejected by a worker.
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'queued'"))
     rejection_reason: Mapped[str | None] = mapped_column(String(64))
+    # When the API accepted the send: the message's place in its conversation.
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    decided_at: Mapped[datetime | None]
+    # The sweeper's bookkeeping for sends no worker took (see app/services/sends.py).
+    dispatched_at: Mapped[datetime | None]
+    dispatch_count: Mapped[int] = mapped_column(SmallInteger, server_default=text("0"))
     expires_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
     deleted_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"))
@@ -157,7 +164,7 @@ class Message(Base):
 
     __table_args__ = (
         UniqueConstraint("sender_id", "client_id"),
-        CheckConstraint("status IN ('stored', 'rejected')", name="status"),
+        CheckConstraint("status IN ('queued', 'stored', 'rejected')", name="status"),
         Index(
             "ix_messages_conversation_history",
             "conversation_id",
@@ -166,10 +173,25 @@ class Message(Base):
             postgresql_where=text("status = 'stored'"),
         ),
         Index("ix_messages_expires_at", "expires_at", postgresql_where=text("deleted_at IS NULL")),
+        Index("ix_messages_queued", "created_at", postgresql_where=text("status = 'queued'")),
         Index(
             "ix_messages_deleted_at", "deleted_at", postgresql_where=text("deleted_at IS NOT NULL")
         ),
     )
+
+
+class JobState(Base):
+    """One row per periodic job: the slot it last ran for (so a second beat's copy of
+    the same run is skipped) and how its last run went."""
+
+    __tablename__ = "job_state"
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_slot: Mapped[datetime]
+    last_started_at: Mapped[datetime | None]
+    last_succeeded_at: Mapped[datetime | None]
+    last_duration_seconds: Mapped[float | None]
+    last_rows: Mapped[int | None]
 
 
 class UserEvent(Base):
@@ -206,7 +228,7 @@ class Broadcast(Base):
 
     __table_args__ = (
         UniqueConstraint("sender_id", "client_id"),
-        CheckConstraint("status IN ('stored', 'rejected')", name="status"),
+        CheckConstraint("status IN ('queued', 'stored', 'rejected')", name="status"),
         Index(
             "ix_broadcasts_tenant_audience_created",
             "tenant_id",

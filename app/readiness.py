@@ -7,6 +7,8 @@ from flask import Flask
 from kombu import Connection
 from sqlalchemy import text
 
+from workers.broker import is_amqp
+
 CHECK_TIMEOUT_SECONDS = 2.0
 
 
@@ -28,9 +30,18 @@ def _check_redis(client: redis.Redis) -> str:
 
 
 def _check_broker(url: str) -> str:
+    """Connect once (RabbitMQ: the AMQP handshake and login too) within the timeout."""
+    if is_amqp(url):
+        # Bounds the handshake as well: a broker still booting accepts TCP and says nothing.
+        options = {"read_timeout": CHECK_TIMEOUT_SECONDS, "write_timeout": CHECK_TIMEOUT_SECONDS}
+    else:
+        options = {"socket_timeout": CHECK_TIMEOUT_SECONDS}
     try:
-        with Connection(url, connect_timeout=CHECK_TIMEOUT_SECONDS) as connection:
-            connection.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT_SECONDS)
+        with Connection(
+            url, connect_timeout=CHECK_TIMEOUT_SECONDS, transport_options=options
+        ) as connection:
+            # One attempt: no retries with kombu's 2 s back-off inside a readiness probe.
+            connection.ensure_connection(max_retries=0, timeout=CHECK_TIMEOUT_SECONDS)
     except Exception as exc:
         return f"down: {type(exc).__name__}"
     return "ok"

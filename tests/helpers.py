@@ -37,3 +37,43 @@ def events_of(app, user_id: str) -> list[UserEvent]:
 def error_code(response) -> tuple[int, str | None]:
     body: Any = response.get_json(silent=True) or {}
     return response.status_code, (body.get("error") or {}).get("code")
+
+
+def run_threads(*targets: Callable[[], object]) -> None:
+    """Run each target in a thread of its own and fail if any of them raised: a test
+    must see a failure in its own threads, not pass while one died."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(target: Callable[[], object]) -> None:
+        try:
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(target,)) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise AssertionError(f"{len(errors)} of {len(threads)} threads failed") from errors[0]
+
+
+def queue_send(app, sender_id: str, conversation_id: str, body: str, client_id: str) -> str:
+    """Record a send as the API does (status queued) without enqueueing its task."""
+    from app.models import User
+    from app.services.sends import accept_send
+
+    with app.extensions["switchboard.db"].transaction() as session:
+        accepted = accept_send(
+            session,
+            app.extensions["switchboard.policy"],
+            session.get_one(User, sender_id),
+            conversation_id,
+            body,
+            client_id,
+            enqueue=lambda _message_id: None,
+        )
+    return str(accepted.message_id)

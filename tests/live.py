@@ -77,6 +77,10 @@ class LiveSystem:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
+        # The broker is the one the test gives in base_env (else REDIS_URL), never one
+        # left in the shell: with RabbitMQ (TEST_BROKER_URL) the in-process test workers
+        # would otherwise share queues with these processes.
+        env.pop("SWITCHBOARD_BROKER_URL", None)
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.update(self.base_env)
         env.update(extra)

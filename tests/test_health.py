@@ -98,3 +98,28 @@ def test_a_restarted_database_costs_one_request(app, client, make_user, auth, da
     assert (first.status_code, first.json["error"]["code"]) == (503, "database_unavailable")
     assert first.headers["Retry-After"] == "1"
     assert client.get("/v1/me", headers=auth(alice)).status_code == 200
+
+
+METRICS_TOKEN = "metrics-token-0123456789abcdef"
+
+
+def test_metrics_need_the_token_when_one_is_set(app_factory, clean_state):
+    client = app_factory(SWITCHBOARD_METRICS_TOKEN=METRICS_TOKEN).test_client()
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token-0123456789abcdef"},
+        {"Authorization": f"Bearer {METRICS_TOKEN}x"},
+        {"Authorization": f"Basic {METRICS_TOKEN}"},
+        {"Authorization": METRICS_TOKEN},
+    ):
+        response = client.get("/metrics", headers=headers)
+        assert response.status_code == 401, headers
+        assert response.json["error"]["code"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    response = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert response.status_code == 200
+    assert "switchboard_queue_depth" in response.get_data(as_text=True)
+
+
+def test_metrics_are_open_without_a_token(client):
+    assert client.get("/metrics").status_code == 200

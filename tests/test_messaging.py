@@ -8,11 +8,12 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from app.models import Message, Participant, User
-from app.services.messages import SendCommand, message_id_for
-from tests.helpers import error_code, events_of, wait_for
+from app.services.messages import message_id_for
+from tests.helpers import error_code, events_of, queue_send, run_threads, wait_for
 from workers.tasks import send_message
 
 
@@ -131,7 +132,7 @@ def test_concurrent_starts_make_one_conversation(app, make_user):
     make_user("alice", role="manager")
     make_user("bob", role="member")
     policy = app.extensions["switchboard.policy"]
-    ids, barrier = [], threading.Barrier(6)
+    ids, barrier = [], threading.Barrier(6, timeout=30)
 
     def run():
         barrier.wait()
@@ -141,11 +142,7 @@ def test_concurrent_starts_make_one_conversation(app, make_user):
             )
             ids.append(conversation.id)
 
-    threads = [threading.Thread(target=run) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(*[run] * 6)
     assert len(set(ids)) == 1 and len(ids) == 6
 
 
@@ -229,50 +226,48 @@ def test_same_client_id_is_one_message_and_another_body_is_409(
 
 def test_rerunning_the_task_stores_once(app, pair):
     _, _, conversation_id = pair
-    command = SendCommand(
-        message_id=str(message_id_for("alice", "rerun")),
-        conversation_id=conversation_id,
-        sender_id="alice",
-        client_id="rerun",
-        body="once",
-        accepted_at="2026-01-01T00:00:00+00:00",
-    )
-    outcomes = [send_message.apply(args=[command.as_task_argument()]).get() for _ in range(3)]
+    message_id = queue_send(app, "alice", conversation_id, "once", "rerun")
+    assert message_id == str(message_id_for("alice", "rerun"))
+    outcomes = [send_message.apply(args=[message_id]).get() for _ in range(3)]
     assert outcomes == ["stored", "duplicate", "duplicate"]
     assert count_messages(app) == 1
     assert len(events_of(app, "bob")) == 1
     with app.extensions["switchboard.db"].sessions() as session:
         assert session.get(Participant, (uuid.UUID(conversation_id), "bob")).unread_count == 1
+        assert session.get_one(Message, uuid.UUID(message_id)).decided_at is not None
 
 
 def test_concurrent_sends_and_reads_keep_unread_counts_exact(app, client, auth, pair):
-    """Twenty sends from alice race bob reading; bob's count always equals the messages
-    after his read position."""
+    """Sends from alice race bob reading, through the real task code on many threads;
+    no thread may fail (the deadlock this once hid), and bob's count always equals the
+    messages after his read position."""
     _, bob, conversation_id = pair
     from app.services.conversations import mark_read
 
-    def send_one(i):
-        command = SendCommand(
-            message_id=str(message_id_for("alice", f"c{i}")),
-            conversation_id=conversation_id,
-            sender_id="alice",
-            client_id=f"c{i}",
-            body=f"m{i}",
-            accepted_at="x",
-        )
-        send_message.apply(args=[command.as_task_argument()]).get()
+    message_ids = [queue_send(app, "alice", conversation_id, f"m{i}", f"c{i}") for i in range(60)]
+
+    def send_some(ids):
+        def run():
+            for message_id in ids:
+                send_message.apply(args=[message_id]).get()
+
+        return run
 
     def read_some():
-        for _ in range(10):
+        for _ in range(30):
             with app.extensions["switchboard.db"].transaction() as session:
                 mark_read(session, session.get(User, "bob"), conversation_id, None)
 
-    threads = [threading.Thread(target=send_one, args=(i,)) for i in range(20)]
-    threads.append(threading.Thread(target=read_some))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    retried = ("switchboard_tasks_total", {"task": send_message.name, "outcome": "retried"})
+    retries_before = REGISTRY.get_sample_value(*retried) or 0
+    run_threads(
+        *(send_some(message_ids[i::6]) for i in range(6)),
+        read_some,
+        read_some,
+        read_some,
+    )
+    # A deadlock would show as a failed reader or as a send quietly retried.
+    assert (REGISTRY.get_sample_value(*retried) or 0) == retries_before
 
     with app.extensions["switchboard.db"].sessions() as session:
         participant = session.get(Participant, (uuid.UUID(conversation_id), "bob"))
@@ -285,7 +280,7 @@ def test_concurrent_sends_and_reads_keep_unread_counts_exact(app, client, auth, 
         expected = sum(
             1 for m in messages if read_at is None or (m.created_at, str(m.id)) > read_at
         )
-        assert len(messages) == 20
+        assert len(messages) == 60
         assert participant.unread_count == expected
 
     client.post(f"/v1/conversations/{conversation_id}/read", json={}, headers=auth(bob))

@@ -18,7 +18,12 @@ def exported(name: str) -> bool:
     """Whether `name` is a series of a registered family (a counter `x` exports `x_total`,
     a histogram `x` exports `x_bucket`, ...), labelled children or not."""
     families = {family.name for family in REGISTRY.collect()}
-    families.add("switchboard_queue_depth")  # collected from the broker at scrape time
+    # Collected at scrape time, from the broker and from PostgreSQL.
+    families |= {
+        "switchboard_queue_depth",
+        "switchboard_sends_queued",
+        "switchboard_sends_queued_oldest_age_seconds",
+    }
     return any(name.removesuffix(suffix) in families for suffix in (*SUFFIXES, ""))
 
 

@@ -82,3 +82,46 @@ def test_create_app_refuses_an_unknown_policy(database_url: str, redis_url: str)
     with pytest.raises(PolicyError) as raised:
         create_app(settings_for(database_url, redis_url, SWITCHBOARD_POLICY="no-such-preset"))
     assert "no-such-preset" in str(raised.value)
+
+
+@pytest.mark.parametrize("level", ["debug", "Info", " warning ", "ERROR"])
+def test_log_level_is_case_insensitive(level: str) -> None:
+    assert load_settings(with_env(SWITCHBOARD_LOG_LEVEL=level)).log_level == level.strip().upper()
+
+
+@pytest.mark.parametrize(
+    "broker",
+    [
+        "amqp://guest:guest@127.0.0.1:5672//",
+        "amqps://user:pw@mq.example:5671/vhost",
+        "pyamqp://guest@127.0.0.1//",
+        "redis://127.0.0.1:6379/1",
+        "rediss://cache.example:6380/0",
+    ],
+)
+def test_broker_url_may_be_rabbitmq_or_redis(broker: str) -> None:
+    assert load_settings(with_env(SWITCHBOARD_BROKER_URL=broker)).celery_broker_url == broker
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        # Pub/sub and rate limits need Redis itself, whatever the broker.
+        ({"REDIS_URL": "amqp://guest@127.0.0.1//"}, "REDIS_URL: must be a redis://"),
+        ({"SWITCHBOARD_BROKER_URL": "sqs://queue"}, "SWITCHBOARD_BROKER_URL: must be a Redis"),
+        ({"SWITCHBOARD_METRICS_TOKEN": "short"}, "SWITCHBOARD_METRICS_TOKEN:"),
+    ],
+)
+def test_bad_broker_and_metrics_settings_name_the_variable(changes: dict, expected: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(with_env(**changes))
+    assert expected in str(raised.value)
+
+
+def test_metrics_token_is_optional_and_not_shown_in_the_repr() -> None:
+    assert load_settings(VALID).metrics_token is None
+    assert load_settings(with_env(SWITCHBOARD_METRICS_TOKEN="")).metrics_token is None
+    token = "m" * 24
+    settings = load_settings(with_env(SWITCHBOARD_METRICS_TOKEN=token))
+    assert settings.metrics_token == token
+    assert token not in repr(settings)

@@ -15,6 +15,7 @@ import time
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+import kombu.exceptions
 import redis.exceptions
 import sqlalchemy.exc
 from celery import Celery, Task
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session
 from app.db import after_commit
 from monitoring.logging import request_id_var
 from monitoring.metrics import TASK_LATENCY, TASKS
+from workers.broker import broker_options, patch_kombu_redis_restore
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -57,6 +59,15 @@ RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.IntegrityError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+)
+
+
+# What the broker client raises when the broker cannot be reached.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    kombu.exceptions.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
 )
 
 
@@ -114,9 +125,10 @@ class SwitchboardTask(Task):
         except Retry:
             TASKS.labels(self.name, "retried").inc()
             raise
-        except PermanentError:
+        except PermanentError as exc:
             TASKS.labels(self.name, "failed").inc()
             log.exception("task %s failed permanently", self.name)
+            self._record_permanent_failure(database, args, kwargs, exc)
             raise
         except RETRYABLE_ERRORS as exc:
             if self.request.retries >= self.max_retries:
@@ -137,11 +149,31 @@ class SwitchboardTask(Task):
             )
             TASKS.labels(self.name, "retried").inc()
             raise self.retry(exc=exc, countdown=countdown) from exc
-        except Exception:
+        except Exception as exc:
+            # Not a transient error: running it again with the same arguments fails again.
             TASKS.labels(self.name, "failed").inc()
+            log.exception("task %s failed", self.name)
+            self._record_permanent_failure(database, args, kwargs, exc)
             raise
         TASKS.labels(self.name, "succeeded").inc()
         return result
+
+    def on_permanent_failure(self, session: Session, args: tuple, kwargs: dict) -> None:
+        """Record, in a transaction of its own, that this run can never succeed (a send
+        becomes `rejected`, never silently dropped). Subclasses override it."""
+
+    def _record_permanent_failure(
+        self, database: Any, args: tuple, kwargs: dict, exc: BaseException
+    ) -> None:
+        try:
+            with database.transaction() as session:
+                self.on_permanent_failure(session, args, kwargs)
+        except RETRYABLE_ERRORS as record_exc:
+            # The database is unreachable too; what this task was for stays pending
+            # where its owner's sweeper finds it again (for sends: still `queued`).
+            log.error(
+                "task %s could not record its failure (%r): %r", self.name, exc, record_exc
+            )
 
 
 celery = Celery("switchboard", task_cls=SwitchboardTask, set_as_current=False)
@@ -152,11 +184,6 @@ def init_celery(flask_app: Flask, settings: Settings) -> Celery:
     celery.conf.update(
         broker_url=settings.celery_broker_url,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            # A task not acknowledged within this time is handed to another worker;
-            # it must exceed the longest task and the longest retry countdown.
-            "visibility_timeout": settings.task_visibility_timeout,
-        },
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
@@ -177,13 +204,15 @@ def init_celery(flask_app: Flask, settings: Settings) -> Celery:
         enable_utc=True,
         worker_hijack_root_logger=False,
     )
+    # Transport-specific: Redis's visibility timeout, RabbitMQ's confirms and heartbeats.
+    celery.conf.update(**broker_options(settings))
+    patch_kombu_redis_restore()
     from schedules import BEAT_SCHEDULE
 
     celery.conf.beat_schedule = BEAT_SCHEDULE
     celery.flask_app = flask_app  # type: ignore[attr-defined]
     flask_app.extensions["celery"] = celery
     # Importing registers the tasks with the app.
-    import schedules.jobs  # noqa: F401
     import workers.tasks  # noqa: F401
 
     return celery

@@ -1,21 +1,72 @@
-"""Celery tasks. Each is thin: it takes plain data and calls one service function.
+"""Celery tasks. Each is thin: it takes ids and calls one service function.
 
 Task names carry their queue: `switchboard.direct.*` tasks go to the direct queue,
-`switchboard.broadcast.*` to the broadcast queue (see `init_celery`).
+`switchboard.broadcast.*` to the broadcast queue, the rest to the default queue
+(see `init_celery`).
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 from flask import current_app
+from sqlalchemy.orm import Session
 
-from app.services.messages import SendCommand, store_message
-from workers.celery_app import celery
+from app.policy import Decision
+from app.services.messages import reject_send, store_message
+from monitoring.metrics import SEND_ENQUEUE_FAILURES
+from schedules import RUN_JOB_TASK
+from schedules.runner import run_job
+from workers.celery_app import BROKER_ERRORS, SwitchboardTask, celery
+
+log = logging.getLogger(__name__)
+
+INTERNAL_FAILURE = Decision(
+    False, "internal_error", "The message could not be stored because of a server error."
+)
 
 
-@celery.task(bind=True, name="switchboard.direct.send_message")
-def send_message(task, command: dict[str, str]) -> str:
-    """Decide and store one direct message; safe to run any number of times."""
-    result = store_message(
-        task.session, current_app.extensions["switchboard.policy"], SendCommand(**command)
+class SendTask(SwitchboardTask):
+    abstract = True
+
+    def on_permanent_failure(self, session: Session, args: tuple, kwargs: dict) -> None:
+        """A send whose task can never succeed ends rejected, and its sender is told."""
+        message_id = kwargs.get("message_id", args[0] if args else None)
+        try:
+            uuid.UUID(str(message_id))
+        except ValueError:
+            log.error("send_message failed for a malformed id %r: nothing to reject", message_id)
+            return
+        reject_send(session, message_id, INTERNAL_FAILURE)
+
+
+@celery.task(bind=True, base=SendTask, name="switchboard.direct.send_message")
+def send_message(task, message_id: str) -> str:
+    """Decide and store one accepted send; safe to run any number of times."""
+    return store_message(
+        task.session, current_app.extensions["switchboard.policy"], message_id
+    ).outcome
+
+
+def enqueue_send(message_id: uuid.UUID) -> None:
+    """Hand a committed send to the workers. If the broker cannot take it, the send is
+    safe in PostgreSQL as `queued` and the redispatch job enqueues it again within
+    seconds of the broker coming back, so the failure is counted, not raised."""
+    try:
+        send_message.apply_async(args=[str(message_id)])
+    except BROKER_ERRORS as exc:
+        SEND_ENQUEUE_FAILURES.inc()
+        log.warning("could not enqueue send %s, the sweeper will: %r", message_id, exc)
+
+
+@celery.task(bind=True, name=RUN_JOB_TASK)
+def run_periodic_job(task, name: str) -> int:
+    """One run of a periodic job (see schedules.runner for why two beats are harmless)."""
+    run = run_job(
+        task.session,
+        current_app.extensions["switchboard.policy"],
+        name,
+        enqueue_send=enqueue_send,
     )
-    return result.outcome
+    return run.rows

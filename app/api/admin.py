@@ -36,6 +36,9 @@ def _require_service_token() -> None:
 
 @blueprint.put("/users/<user_id>")
 def put_user(user_id: str) -> ResponseReturnValue:
+    # This PUT creates users, so a malformed id is the caller's mistake to be told about:
+    # 400 `invalid_user_id`, checked before the body or SQL. Look-ups of other users
+    # (access.visible_user) answer a malformed id with the 404 of a missing one instead.
     try:
         _UserPath(user_id=user_id)
     except ValidationError as exc:

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import Annotated
 
-import kombu.exceptions
-import redis
-from flask import Blueprint, current_app
+from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.models import Message
-from app.policy import Decision, Policy
-from app.problems import ApiError, BadRequest, Conflict, Forbidden, PayloadTooLarge, Unavailable
+from app.policy import Policy
 from app.services import conversations as service
-from app.services.messages import (
-    SendCommand,
-    body_digest,
-    decide_send,
-    history,
-    message_id_for,
-)
-from app.services.sends import PendingSends
+from app.services.messages import history
+from app.services.sends import accept_send
 from app.validation import ExternalId
 from app.web import current_user, parse_body, parse_query, session
-from workers.tasks import send_message
+from workers.tasks import enqueue_send
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("conversations", __name__, url_prefix="/v1")
@@ -37,10 +26,6 @@ ClientId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:@+\-]{1,128}
 
 def policy() -> Policy:
     return current_app.extensions["switchboard.policy"]
-
-
-def pending_sends() -> PendingSends:
-    return PendingSends(current_app.extensions["switchboard.redis"])
 
 
 class SubjectBody(BaseModel):
@@ -84,15 +69,6 @@ class SendBody(BaseModel):
     client_id: ClientId
 
 
-def refusal(decision: Decision) -> ApiError:
-    """The HTTP error for a refused decision: 413 too long, 400 bad body, else 403."""
-    if decision.rule == "message_too_long":
-        return PayloadTooLarge(decision.reason, code="message_too_long")
-    if decision.rule == "empty_message":
-        return BadRequest(decision.reason, code="empty_message")
-    return Forbidden(decision.reason, code=decision.rule or "forbidden")
-
-
 @blueprint.post("/conversations")
 def start() -> ResponseReturnValue:
     user = current_user()
@@ -134,7 +110,9 @@ def archive(conversation_id: str) -> ResponseReturnValue:
 
 @blueprint.post("/conversations/<conversation_id>/read")
 def read(conversation_id: str) -> ResponseReturnValue:
-    user, body = current_user(), parse_body(ReadBody)
+    user = current_user()
+    # Every field is optional, so no body at all means "read up to the latest".
+    body = parse_body(ReadBody) if request.get_data() else ReadBody()
     db = session()
     state = service.mark_read(db, user, conversation_id, body.message_id)
     db.commit()
@@ -160,61 +138,12 @@ def list_messages(conversation_id: str) -> ResponseReturnValue:
 
 @blueprint.post("/conversations/<conversation_id>/messages")
 def send(conversation_id: str) -> ResponseReturnValue:
-    """Validate, pre-check and enqueue; the worker decides and stores. 202 with the id."""
+    """Validate, pre-check and record the send; the worker decides and stores it.
+    202 with the id once the send is committed, so an accepted send is never lost."""
     user, body = current_user(), parse_body(SendBody)
     db = session()
-    conversation, _ = service.member_conversation(db, user, conversation_id)
-    message_id, digest = message_id_for(user.id, body.client_id), body_digest(body.body)
-
-    def same_send(conversation_of_earlier: str, digest_of_earlier: str) -> None:
-        if (conversation_of_earlier, digest_of_earlier) != (str(conversation.id), digest):
-            raise Conflict(
-                "This client_id was already used for another message.", code="client_id_reused"
-            )
-
-    stored = db.get(Message, message_id)
-    if stored is not None:
-        same_send(str(stored.conversation_id), stored.body_sha256)
-        return {"id": str(message_id), "status": stored.status}, 202
-
-    decision = decide_send(db, policy(), user, conversation.id, body.body)
-    if not decision:
-        raise refusal(decision)
-
-    accepted_at = datetime.now(UTC).isoformat()
-    pending = pending_sends()
-    try:
-        earlier = pending.claim(
-            str(message_id),
-            {
-                "sender_id": user.id,
-                "conversation_id": str(conversation.id),
-                "body_sha256": digest,
-                "accepted_at": accepted_at,
-            },
-        )
-    except redis.RedisError as exc:
-        raise Unavailable("Sending is unavailable; try again.", code="queue_unavailable") from exc
-    if earlier is not None:
-        same_send(earlier["conversation_id"], earlier["body_sha256"])
-        accepted_at = earlier["accepted_at"]
-
-    command = SendCommand(
-        message_id=str(message_id),
-        conversation_id=str(conversation.id),
-        sender_id=user.id,
-        client_id=body.client_id,
-        body=body.body,
-        accepted_at=accepted_at,
+    accepted = accept_send(
+        db, policy(), user, conversation_id, body.body, body.client_id, enqueue=enqueue_send
     )
-    db.rollback()  # nothing written; end the read transaction before talking to the broker
-    try:
-        # Enqueued again on a repeat: the task is idempotent, and a repeat may be the
-        # client retrying after the first enqueue was lost.
-        send_message.apply_async(args=[command.as_task_argument()])
-    except (kombu.exceptions.OperationalError, redis.RedisError, OSError) as exc:
-        if earlier is None:
-            pending.release(str(message_id))
-        log.error("could not enqueue send %s: %r", message_id, exc)
-        raise Unavailable("Sending is unavailable; try again.", code="queue_unavailable") from exc
-    return {"id": str(message_id), "status": "queued"}, 202
+    db.commit()
+    return {"id": str(accepted.message_id), "status": accepted.status}, 202

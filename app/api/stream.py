@@ -3,6 +3,9 @@
 Close codes: 4001 no or bad token (the reason names the problem), 4002 the token
 expired while connected, 4400 bad `last_event_id`, 4008 too slow to read its events,
 1009 a frame larger than SWITCHBOARD_STREAM_MAX_FRAME_BYTES, 1008 no pong to our pings.
+A bad client frame (not JSON, nested too deep, NUL or unpaired surrogates, an unknown
+type) is answered with `{type: "error", data: {code, message}}` and the socket stays open.
+Frames outside the user's event log (typing, error) carry no `id`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -24,8 +28,10 @@ from sqlalchemy import select
 
 from app.auth import load_user, parse_bearer
 from app.events import EVENTS_CHANNEL
+from app.input_checks import parse_untrusted_json
 from app.models import Participant
-from app.problems import ApiError
+from app.problems import ApiError, BadRequest, NotFound
+from app.services.access import parse_uuid
 from app.stream.connection import (
     CLOSE_BAD_REQUEST,
     CLOSE_INTERNAL_ERROR,
@@ -43,6 +49,7 @@ blueprint = Blueprint("stream", __name__, url_prefix="/v1")
 sock = Sock()
 
 TYPING_INTERVAL_SECONDS = 2.0
+_EVENT_ID = re.compile(r"[0-9]{1,18}", re.ASCII)
 MEMBERSHIP_CACHE_SECONDS = 30.0
 
 
@@ -52,7 +59,8 @@ def _close(ws: Any, code: int, reason: str) -> None:
 
 
 def _error_frame(code: str, message: str) -> dict[str, Any]:
-    return {"id": None, "type": "error", "data": {"code": code, "message": message}}
+    # No `id`: ids number the user's logged events, and an error is not one of them.
+    return {"type": "error", "data": {"code": code, "message": message}}
 
 
 class TypingRelay:
@@ -85,12 +93,9 @@ class TypingRelay:
 
     def handle(self, frame: dict[str, Any]) -> dict[str, Any] | None:
         """Relay a typing frame; returns an error frame for the sender, or None."""
-        raw_id = frame.get("conversation_id")
         try:
-            conversation_id = uuid.UUID(raw_id) if isinstance(raw_id, str) else None
-        except ValueError:
-            conversation_id = None
-        if conversation_id is None:
+            conversation_id = parse_uuid(frame.get("conversation_id"), "conversation")
+        except NotFound:
             return _error_frame("invalid_frame", "typing needs a conversation_id (a UUID).")
         others = self._recipients(conversation_id)
         if others is None:
@@ -105,7 +110,9 @@ class TypingRelay:
         for other in others:
             pipeline.publish(
                 EVENTS_CHANNEL,
-                json.dumps({"user_id": other, "id": None, "type": "typing", "data": data}),
+                # No `id`: typing is not logged, and an announcement without one is
+                # written to the socket as it is (StreamConnection._deliver).
+                json.dumps({"user_id": other, "type": "typing", "data": data}),
             )
         pipeline.execute()
         return None
@@ -127,6 +134,11 @@ def stream(ws: Any) -> None:
     except sqlalchemy.exc.TimeoutError:
         log.warning("stream setup found no free database connection")
         _close(ws, CLOSE_TRY_AGAIN_LATER, "overloaded: reconnect in a moment")
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+        # The stream's 503: PostgreSQL is restarting or unreachable; the client's reconnect
+        # resumes from its last event id once it is back.
+        log.warning("stream lost the database: %s", exc.orig or exc)
+        _close(ws, CLOSE_TRY_AGAIN_LATER, "database_unavailable: reconnect in a moment")
     except Exception:
         log.exception("stream failed")
         _close(ws, CLOSE_INTERNAL_ERROR, "internal_error: reconnect")
@@ -152,7 +164,8 @@ def serve_stream(ws: Any) -> None:
     last_event_id: int | None = None
     raw_last = request.args.get("last_event_id")
     if raw_last not in (None, ""):
-        if not raw_last.isdigit() or len(raw_last) > 18:
+        # ASCII digits only: str.isdigit() also passes '²', which int() then refuses.
+        if not _EVENT_ID.fullmatch(raw_last):
             _close(ws, CLOSE_BAD_REQUEST, "invalid_last_event_id: must be a non-negative integer")
             return
         last_event_id = int(raw_last)
@@ -194,6 +207,11 @@ def serve_stream(ws: Any) -> None:
                 connection.send_frame(reply)
     except ConnectionClosed:
         pass
+    except Exception:
+        # Never a silent 1000 that tells the client all is well: say something broke.
+        # (The first close requested wins, so the 1000 below does not replace this.)
+        log.exception("stream reader failed")
+        connection.request_close(CLOSE_INTERNAL_ERROR, "internal_error: reconnect")
     finally:
         hub.unregister(connection)
         connection.request_close(CLOSE_NORMAL, "")
@@ -201,11 +219,16 @@ def serve_stream(ws: Any) -> None:
 
 
 def handle_client_frame(typing: TypingRelay, data: str | bytes) -> dict[str, Any] | None:
-    """The answer to one client frame: None, or an error frame naming the problem."""
+    """The answer to one client frame: None, or an error frame naming the problem.
+
+    A bad frame is answered and the socket stays open: the same checks as HTTP bodies
+    (nesting depth, NUL and unpaired surrogates) run before anything reads the frame."""
     try:
-        frame = json.loads(data)
-    except (ValueError, TypeError):
-        return _error_frame("invalid_frame", "Frames must be JSON objects.")
+        frame = parse_untrusted_json(data)
+    except BadRequest as exc:
+        if exc.code == "invalid_json":
+            return _error_frame("invalid_frame", "Frames must be JSON objects.")
+        return _error_frame(exc.code, exc.message)
     if not isinstance(frame, dict):
         return _error_frame("invalid_frame", "Frames must be JSON objects.")
     if frame.get("type") == "typing":

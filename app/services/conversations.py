@@ -145,6 +145,7 @@ def _summary_query(variant: str) -> Select:
             last.sender_id.label("last_sender_id"),
             last.created_at.label("last_created_at"),
             last.deleted_at.label("last_deleted_at"),
+            last.delete_reason.label("last_delete_reason"),
             func.left(last.body, PREVIEW_LENGTH).label("last_preview"),
             people.label("people"),
         )
@@ -221,11 +222,18 @@ def mark_read(
     """Move my read position up to `message_id` (default: the latest message) and
     recount my unread messages; tell the other participants (a read receipt).
 
-    The participant row is locked first and the count runs in a later statement, so
+    The participant row is locked before the count runs in a later statement, so
     under READ COMMITTED it sees every send that committed before we held the lock,
     and every later send waits for us and then adds one: the count stays exact.
     """
-    conversation, participant = member_conversation(session, user, conversation_id, lock=True)
+    conversation, _ = member_conversation(session, user, conversation_id)
+    # Lock order on every path: the conversation, then participants, then the users'
+    # event sequences (sends and deletes hold the conversation FOR UPDATE; a read shares
+    # it, so reads in one conversation run side by side but take turns with its sends).
+    session.execute(
+        select(Conversation.id).where(Conversation.id == conversation.id).with_for_update(read=True)
+    )
+    _, participant = member_conversation(session, user, conversation.id, lock=True)
     stored = (Message.conversation_id == conversation.id) & (Message.status == "stored")
     if message_id is not None:
         target = session.scalars(
@@ -312,7 +320,11 @@ def read_state_json(participant: Participant) -> dict[str, Any]:
 def _summary_json(row: Any, viewer_id: str) -> dict[str, Any]:
     preview = None
     if row.last_id is not None:
-        deleted = row.last_deleted_at is not None
+        # The same shape as a message's `deleted` in history (messages.message_json):
+        # null, or when and why it was deleted.
+        deleted = None
+        if row.last_deleted_at is not None:
+            deleted = {"at": _iso(row.last_deleted_at), "reason": row.last_delete_reason}
         preview = {
             "id": str(row.last_id),
             "sender_id": row.last_sender_id,

@@ -6,12 +6,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, bindparam, case, exists, func, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
 from app.events import append_events
@@ -27,9 +26,9 @@ from app.services.access import (
 )
 from monitoring.metrics import MESSAGES
 
-# Names the messages of one sender: a retried send with the same client id gets the same id.
 log = logging.getLogger(__name__)
 
+# Names the messages of one sender: a retried send with the same client id gets the same id.
 MESSAGE_ID_NAMESPACE = uuid.UUID("6b1f4f0e-2f55-4a55-9d38-5b6c1d1c8a11")
 
 
@@ -39,21 +38,6 @@ def message_id_for(sender_id: str, client_id: str) -> uuid.UUID:
 
 def body_digest(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class SendCommand:
-    """What the API hands the worker: plain data, JSON-serialisable."""
-
-    message_id: str
-    conversation_id: str
-    sender_id: str
-    client_id: str
-    body: str
-    accepted_at: str
-
-    def as_task_argument(self) -> dict[str, str]:
-        return asdict(self)
 
 
 def decide_send(
@@ -77,76 +61,62 @@ def decide_send(
 
 @dataclass(frozen=True, slots=True)
 class StoreResult:
-    message: Message | None
-    outcome: str  # "stored", "rejected", "duplicate" or "dropped"
+    message_id: uuid.UUID
+    outcome: str  # "stored", "rejected", "duplicate" (decided before) or "missing"
 
 
-def store_message(session: Session, policy: Policy, command: SendCommand) -> StoreResult:
-    """Decide and store one send, exactly once however often it is run.
+# The send as the API recorded it, read without a lock (to learn its conversation).
+_QUEUED_SEND = select(Message.conversation_id, Message.status).where(
+    Message.id == bindparam("message_id")
+)
 
-    In one transaction: lock the conversation (sends in one conversation take turns),
-    re-check the policy, insert the message (or a rejection) at the time the API
-    accepted it, move the conversation's activity, bump the unread counts of the
+
+def store_message(session: Session, policy: Policy, message_id: str | uuid.UUID) -> StoreResult:
+    """Decide one accepted send and store (or reject) it, exactly once however often
+    it is run.
+
+    In one transaction: lock the conversation (sends, reads and deletes in one
+    conversation take turns, always conversation first, then participants, then the
+    users' event sequences, so no two paths wait on each other in opposite orders),
+    claim the queued row, re-check the policy, mark the message stored at the time the
+    API accepted it, move the conversation's activity, bump the unread counts of the
     recipients who have not read past it and append the events.
     """
-    message_id = uuid.UUID(command.message_id)
-    existing = session.get(Message, message_id)
-    if existing is not None:
+    message_id = uuid.UUID(str(message_id))
+    found = session.execute(_QUEUED_SEND, {"message_id": message_id}).first()
+    if found is None:
+        # Its conversation was deleted with it; nothing is waiting for a decision.
+        MESSAGES.labels("missing").inc()
+        return StoreResult(message_id, "missing")
+    if found.status != "queued":
         MESSAGES.labels("duplicate").inc()
-        return StoreResult(existing, "duplicate")
+        return StoreResult(message_id, "duplicate")
 
-    sender = session.get(User, command.sender_id)
     conversation = session.scalars(
-        select(Conversation)
-        .where(Conversation.id == uuid.UUID(command.conversation_id))
-        .with_for_update()
-    ).first()
-    if sender is None or conversation is None:
-        # The API checked both before enqueueing and neither is ever deleted, so this
-        # is a task forged or replayed from elsewhere: nothing to attach a row to.
-        log.warning("dropping send %s: sender or conversation missing", command.message_id)
-        MESSAGES.labels("dropped").inc()
-        return StoreResult(None, "dropped")
+        select(Conversation).where(Conversation.id == found.conversation_id).with_for_update()
+    ).one()
+    message = session.scalars(
+        select(Message).where(Message.id == message_id).with_for_update()
+    ).one()
+    if message.status != "queued":
+        # Another worker decided it while we waited for the conversation's lock.
+        MESSAGES.labels("duplicate").inc()
+        return StoreResult(message_id, "duplicate")
 
+    sender = session.get_one(User, message.sender_id)
     if session.get(Participant, (conversation.id, sender.id)) is None:
         decision = Decision(False, "conversation_not_found", "You are not in this conversation.")
     else:
-        decision = decide_send(session, policy, sender, conversation.id, command.body)
-
-    now = _accepted_time(command) or session.scalar(select(func.clock_timestamp()))
-    values: dict[str, Any] = {
-        "id": message_id,
-        "tenant_id": sender.tenant_id,
-        "conversation_id": conversation.id,
-        "sender_id": sender.id,
-        "client_id": command.client_id,
-        "body_sha256": body_digest(command.body),
-        "created_at": now,
-    }
-    if decision:
-        values |= {
-            "body": command.body,
-            "status": "stored",
-            "expires_at": policy.message_expiry(now, sender.tier),
-        }
-    else:
-        values |= {"body": None, "status": "rejected", "rejection_reason": decision.rule}
-
-    inserted = session.execute(
-        insert(Message)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["sender_id", "client_id"])
-        .returning(Message.id)
-    ).first()
-    if inserted is None:
-        MESSAGES.labels("duplicate").inc()
-        return StoreResult(session.get_one(Message, message_id), "duplicate")
-    message = session.get_one(Message, message_id)
-
+        decision = decide_send(session, policy, sender, conversation.id, message.body or "")
     if not decision:
-        append_events(session, [sender.id], "message.rejected", _rejection_data(command, decision))
-        MESSAGES.labels("rejected").inc()
-        return StoreResult(message, "rejected")
+        _reject(session, message, decision)
+        return StoreResult(message_id, "rejected")
+
+    now = message.created_at
+    message.status = "stored"
+    message.expires_at = policy.message_expiry(now, sender.tier)
+    message.decided_at = session.scalar(select(func.clock_timestamp()))
+    session.flush()
 
     # Sends can be stored out of their acceptance order (workers run side by side), so
     # "latest" and "unread" compare positions rather than trusting arrival order.
@@ -162,49 +132,62 @@ def store_message(session: Session, policy: Policy, command: SendCommand) -> Sto
     )
     # One statement: if a concurrent read moved a read position first, PostgreSQL
     # re-evaluates this against the updated row, so the count stays exact.
-    session.execute(
+    recipients = session.scalars(
         update(Participant)
         .where(Participant.conversation_id == conversation.id)
         .values(
             last_activity_at=func.greatest(Participant.last_activity_at, now),
             unread_count=Participant.unread_count + unread_for_recipient,
         )
-    )
-    recipients = session.scalars(
-        select(Participant.user_id).where(Participant.conversation_id == conversation.id)
+        .returning(Participant.user_id)
     ).all()
     append_events(
         session,
         recipients,
         "message.created",
-        message_json(message) | {"accepted_at": command.accepted_at},
+        message_json(message) | {"accepted_at": now.isoformat()},
     )
     MESSAGES.labels("stored").inc()
-    return StoreResult(message, "stored")
+    return StoreResult(message_id, "stored")
 
 
-def _accepted_time(command: SendCommand) -> datetime | None:
-    """When the API accepted the send: a message's place in its conversation is the
-    moment its sender pressed send, not the moment a worker got to it."""
-    try:
-        accepted = datetime.fromisoformat(command.accepted_at)
-    except (TypeError, ValueError):
-        return None
-    return accepted if accepted.tzinfo is not None else None
+def _reject(session: Session, message: Message, decision: Decision) -> None:
+    """The send ends rejected: its body goes, the reason stays, the sender is told."""
+    message.status, message.body = "rejected", None
+    message.rejection_reason = decision.rule
+    message.decided_at = session.scalar(select(func.clock_timestamp()))
+    append_events(
+        session,
+        [message.sender_id],
+        "message.rejected",
+        {
+            "id": str(message.id),
+            "conversation_id": str(message.conversation_id),
+            "client_id": message.client_id,
+            "reason": decision.rule,
+            "message": decision.reason,
+        },
+    )
+    MESSAGES.labels("rejected").inc()
 
 
-def _rejection_data(command: SendCommand, decision: Decision) -> dict[str, Any]:
-    return {
-        "id": command.message_id,
-        "conversation_id": command.conversation_id,
-        "client_id": command.client_id,
-        "reason": decision.rule,
-        "message": decision.reason,
-    }
+def reject_send(session: Session, message_id: str | uuid.UUID, decision: Decision) -> bool:
+    """Reject an accepted send that can never be stored (its task failed for good, or
+    it was re-enqueued too often). False if it was decided already."""
+    message = session.scalars(
+        select(Message)
+        .where(Message.id == uuid.UUID(str(message_id)), Message.status == "queued")
+        .with_for_update()
+    ).first()
+    if message is None:
+        return False
+    _reject(session, message, decision)
+    return True
 
 
 def visible_message(session: Session, user: User, message_id: str) -> Message:
-    """A message in one of the user's conversations (a rejected one only to its sender)."""
+    """A message in one of the user's conversations (a queued or rejected one only to
+    its sender)."""
     message = session.scalars(
         select(Message)
         .join(Participant, Participant.conversation_id == Message.conversation_id)
@@ -214,7 +197,8 @@ def visible_message(session: Session, user: User, message_id: str) -> Message:
             Participant.user_id == user.id,
         )
     ).first()
-    if message is None or (message.status == "rejected" and message.sender_id != user.id):
+    # Until it is stored, a send is its sender's business alone.
+    if message is None or (message.status != "stored" and message.sender_id != user.id):
         raise NotFound("No such message.", code="message_not_found")
     return message
 

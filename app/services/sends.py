@@ -1,37 +1,190 @@
-"""Sends accepted by the API but not yet decided by a worker.
+"""Accepting a send durably, and bringing every accepted send to a decision.
 
-The API writes no message; it records in Redis that a send with this id (and body
-digest) was accepted, so that `GET /v1/messages/<id>` can answer "queued" and a
-repeated client id with another body is a 409 even before the worker has run.
+The API does not decide a send, but its 202 is a promise. So before answering it
+writes the send as a `messages` row with status `queued` (a transactional outbox
+in PostgreSQL, committed with the request) and enqueues the worker's task only
+after that commit. Whatever dies afterwards (the broker losing the task, a worker
+killed between popping and acknowledging it, Redis restarting without its data)
+the row is still there, and `redispatch_stale_sends`, run by beat every few
+seconds, enqueues again any send no worker has decided. Storing is idempotent
+(the worker claims the row while `queued`), so a send enqueued twice is stored once.
+
+A send that can never be stored ends `rejected` with a reason and a
+`message.rejected` event: by the worker's policy check, by a task failure that
+cannot succeed (`reject_send`), or after `MAX_DISPATCHES` re-enqueues.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 
-import redis
+from sqlalchemy import bindparam, func, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
 
-PENDING_TTL_SECONDS = 7 * 24 * 3600
-_KEY = "switchboard:pending-send:{}"
+from app.db import after_commit
+from app.models import Message, User
+from app.policy import Decision, Policy
+from app.problems import ApiError, BadRequest, Conflict, Forbidden, PayloadTooLarge
+from app.services.access import member_conversation
+from app.services.messages import body_digest, decide_send, message_id_for, reject_send
+from monitoring.metrics import SENDS_REDISPATCHED
+
+# A send still queued this long after it was accepted (or last re-enqueued) is enqueued
+# again; each further attempt waits twice as long, up to 2**MAX_BACKOFF_DOUBLINGS times.
+STALE_AFTER = timedelta(seconds=10)
+MAX_BACKOFF_DOUBLINGS = 5
+# After this many re-enqueues (about 2.5 hours with the backoff) the send is rejected.
+MAX_DISPATCHES = 24
+SWEEP_BATCH = 500
 
 
-class PendingSends:
-    def __init__(self, client: redis.Redis, ttl_seconds: int = PENDING_TTL_SECONDS) -> None:
-        self._client = client
-        self._ttl = ttl_seconds
+@dataclass(frozen=True, slots=True)
+class AcceptedSend:
+    message_id: uuid.UUID
+    status: str  # "queued" for a new send; a repeat answers with where it stands
 
-    def claim(self, message_id: str, record: dict[str, Any]) -> dict[str, Any] | None:
-        """Record the send; returns the earlier record if one was already there."""
-        key = _KEY.format(message_id)
-        if self._client.set(key, json.dumps(record), nx=True, ex=self._ttl):
+
+def refusal(decision: Decision) -> ApiError:
+    """The HTTP error for a refused decision: 413 too long, 400 bad body, else 403."""
+    if decision.rule == "message_too_long":
+        return PayloadTooLarge(decision.reason, code="message_too_long")
+    if decision.rule == "empty_message":
+        return BadRequest(decision.reason, code="empty_message")
+    return Forbidden(decision.reason, code=decision.rule or "forbidden")
+
+
+_EARLIER_SEND = select(Message.conversation_id, Message.body_sha256, Message.status).where(
+    Message.id == bindparam("message_id")
+)
+
+
+def accept_send(
+    session: Session,
+    policy: Policy,
+    sender: User,
+    conversation_id: str,
+    body: str,
+    client_id: str,
+    enqueue: Callable[[uuid.UUID], None],
+) -> AcceptedSend:
+    """Check a send the cheap way and record it as queued; `enqueue(message_id)` runs
+    after the caller commits. The same client id with the same body gives the same id
+    (and no second row); with another body or conversation it is a 409."""
+    conversation, _ = member_conversation(session, sender, conversation_id)
+    message_id, digest = message_id_for(sender.id, client_id), body_digest(body)
+
+    def earlier_send() -> AcceptedSend | None:
+        earlier = session.execute(_EARLIER_SEND, {"message_id": message_id}).first()
+        if earlier is None:
             return None
-        earlier = self._client.get(key)
-        return json.loads(earlier) if earlier else None
+        if (earlier.conversation_id, earlier.body_sha256) != (conversation.id, digest):
+            raise Conflict(
+                "This client_id was already used for another message.", code="client_id_reused"
+            )
+        if earlier.status == "queued":
+            # The client may be retrying because the first enqueue was lost.
+            after_commit(session, lambda: enqueue(message_id))
+        return AcceptedSend(message_id, earlier.status)
 
-    def get(self, message_id: str) -> dict[str, Any] | None:
-        raw = self._client.get(_KEY.format(message_id))
-        return json.loads(raw) if raw else None
+    if (repeat := earlier_send()) is not None:
+        return repeat
+    decision = decide_send(session, policy, sender, conversation.id, body)
+    if not decision:
+        raise refusal(decision)
+    inserted = session.execute(
+        insert(Message)
+        .values(
+            id=message_id,
+            tenant_id=sender.tenant_id,
+            conversation_id=conversation.id,
+            sender_id=sender.id,
+            client_id=client_id,
+            body=body,
+            body_sha256=digest,
+            status="queued",
+            created_at=func.clock_timestamp(),
+        )
+        .on_conflict_do_nothing(index_elements=["sender_id", "client_id"])
+        .returning(Message.id)
+    ).first()
+    if inserted is None:
+        # A concurrent request with the same client id got there first.
+        repeat = earlier_send()
+        assert repeat is not None, "a conflicting row must be visible after the insert"
+        return repeat
+    after_commit(session, lambda: enqueue(message_id))
+    return AcceptedSend(message_id, "queued")
 
-    def release(self, message_id: str) -> None:
-        self._client.delete(_KEY.format(message_id))
+
+# Claims stale queued sends and counts the attempt in one statement. SKIP LOCKED passes
+# over a send a worker is storing right now (it holds the row), and over rows another
+# sweeper claimed, so two sweepers never enqueue the same send twice.
+_CLAIM_STALE = text(
+    """
+    UPDATE messages AS m
+    SET dispatched_at = clock_timestamp(), dispatch_count = m.dispatch_count + 1
+    FROM (
+        SELECT id FROM messages
+        WHERE status = 'queued'
+          AND COALESCE(dispatched_at, created_at) < clock_timestamp()
+              - make_interval(secs => :stale_seconds * power(2, LEAST(dispatch_count, :doublings)))
+        ORDER BY created_at
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED
+    ) AS stale
+    WHERE m.id = stale.id
+    RETURNING m.id, m.dispatch_count
+    """
+)
+
+
+def redispatch_stale_sends(
+    session: Session, enqueue: Callable[[uuid.UUID], None], *, stale_after: timedelta = STALE_AFTER
+) -> int:
+    """Enqueue again (after commit) every accepted send no worker has decided in time;
+    reject those that have been tried `MAX_DISPATCHES` times. Returns how many it touched."""
+    claimed = session.execute(
+        _CLAIM_STALE,
+        {
+            "stale_seconds": stale_after.total_seconds(),
+            "doublings": MAX_BACKOFF_DOUBLINGS,
+            "batch": SWEEP_BATCH,
+        },
+    ).all()
+    retry = []
+    for message_id, dispatch_count in claimed:
+        if dispatch_count > MAX_DISPATCHES:
+            reject_send(
+                session,
+                message_id,
+                Decision(False, "delivery_failed", "The message could not be stored; send again."),
+            )
+            SENDS_REDISPATCHED.labels("gave_up").inc()
+        else:
+            retry.append(message_id)
+    if retry:
+        SENDS_REDISPATCHED.labels("enqueued").inc(len(retry))
+
+        def enqueue_all() -> None:
+            for message_id in retry:
+                enqueue(message_id)
+
+        after_commit(session, enqueue_all)
+    return len(claimed)
+
+
+def oldest_queued_age_seconds(session: Session) -> tuple[int, float]:
+    """How many sends wait for a worker, and how long the oldest has waited."""
+    count, age = session.execute(
+        select(
+            func.count(),
+            func.coalesce(
+                func.extract("epoch", func.clock_timestamp() - func.min(Message.created_at)), 0
+            ),
+        ).where(Message.status == "queued")
+    ).one()
+    return int(count), float(age)

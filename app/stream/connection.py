@@ -157,8 +157,10 @@ class StreamConnection:
 
     def _deliver(self, announcement: dict[str, Any]) -> None:
         seq = announcement.get("id")
-        if seq is None:  # ephemeral (typing): not in the log, no sequence
-            self._write({"id": None, "type": announcement["type"], "data": announcement["data"]})
+        if seq is None:
+            # Ephemeral (typing): not in the log, so no id at all. (`"id": null` would
+            # read as an event without a place in the user's sequence.)
+            self._write({"type": announcement["type"], "data": announcement["data"]})
             return
         if seq <= self.last_seq:
             return

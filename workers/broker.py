@@ -1,0 +1,181 @@
+"""What depends on which Celery broker Switchboard runs on: Redis (the default, and the
+laptop's) or RabbitMQ (`SWITCHBOARD_BROKER_URL=amqp://...`).
+
+- `broker_options(settings)`: the Celery configuration for the chosen transport, tuned so
+  that a task the API has handed to the broker survives a broker restart, a killed worker's
+  tasks come back, and no worker process ends because its broker went away for a while.
+- `queue_depths(celery)`: how many tasks wait in each queue, on either transport.
+- `patch_kombu_redis_restore()`: a small patch of kombu's Redis transport (see there) that
+  keeps a Redis restart from ending the worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+
+# Seconds between AMQP heartbeats that RabbitMQ and the worker expect of each other. A
+# peer silent for two intervals is dead: RabbitMQ requeues a vanished worker's unacked
+# tasks and the worker reconnects from a half-open connection within about a minute.
+# (Celery's default is 120 s; a worker killed outright is noticed at once anyway, from
+# the TCP connection closing.)
+AMQP_HEARTBEAT_SECONDS = 30
+
+# Seconds to wait for the broker's TCP connection, and (Redis) for any one reply.
+CONNECT_TIMEOUT_SECONDS = 5
+REDIS_SOCKET_TIMEOUT_SECONDS = 30
+
+
+def is_amqp(url: str) -> bool:
+    """Whether `url` names a RabbitMQ broker (any of kombu's AMQP transports)."""
+    return urlsplit(url).scheme.lower() in AMQP_SCHEMES
+
+
+def broker_options(settings: Settings) -> dict[str, Any]:
+    """Celery configuration for the broker in `settings.celery_broker_url`."""
+    common: dict[str, Any] = {
+        "broker_connection_retry": True,
+        # Celery gives up after 100 reconnection attempts and the worker process exits;
+        # a broker down for longer than that (a few minutes) must not end the workers.
+        "broker_connection_max_retries": None,
+        # A channel error (say a queue that is briefly unavailable while the broker
+        # restarts) is retried like a connection loss instead of stopping the consumer.
+        "broker_channel_error_retry": True,
+        "broker_connection_timeout": CONNECT_TIMEOUT_SECONDS,
+    }
+    if is_amqp(settings.celery_broker_url):
+        return common | {
+            "broker_heartbeat": AMQP_HEARTBEAT_SECONDS,
+            "broker_transport_options": {
+                # Publisher confirms: apply_async returns only once RabbitMQ has taken the
+                # message (for a persistent message on a durable queue, written it to
+                # disk), and a refused publish raises instead of vanishing. So when the API
+                # answers 202 the task survives a broker restart.
+                "confirm_publish": True,
+            },
+            # Persistent messages on durable queues and exchanges (kombu's Queue and
+            # Exchange are durable by default; the queues are declared in init_celery).
+            # Said explicitly: a transient message is lost when RabbitMQ restarts.
+            "task_default_delivery_mode": "persistent",
+            # With task_acks_late a task stays unacknowledged until it has run, so
+            # RabbitMQ hands a killed worker's tasks to another consumer as soon as the
+            # connection drops: no visibility timeout to wait out, unlike Redis.
+        }
+    return common | {
+        "broker_transport_options": {
+            # A task not acknowledged within this time is handed to another worker;
+            # it must exceed the longest task and the longest retry countdown.
+            "visibility_timeout": settings.task_visibility_timeout,
+            # Look for such tasks every 10 s rather than kombu's default of every 100 s
+            # (10 s x throttle 10), so one is redelivered soon after its timeout.
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+            # Notice a dead or half-open Redis connection (a restart behind a proxy or a
+            # failover) instead of waiting on it forever: redis-py pings an idle
+            # connection before use, kombu checks its BRPOP and pub/sub connections, and
+            # a synchronous command gives up after the socket timeout.
+            "health_check_interval": 10,
+            "socket_keepalive": True,
+            "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            "socket_timeout": REDIS_SOCKET_TIMEOUT_SECONDS,
+        },
+    }
+
+
+def queue_depths(celery: Celery, names: Iterable[str] | None = None) -> dict[str, int]:
+    """Tasks waiting (not yet delivered to a worker) in each queue named, by default each
+    queue the app declares."""
+    if names is None:
+        names = [queue.name for queue in celery.conf.task_queues or ()]
+    with celery.connection_for_read() as connection:
+        if connection.transport.driver_type == "amqp":
+            return {name: _amqp_depth(connection, name) for name in names}
+        # Celery's Redis transport keeps each queue as a list named after it.
+        client = connection.default_channel.client
+        return {name: int(client.llen(name)) for name in names}
+
+
+def _amqp_depth(connection: Any, name: str) -> int:
+    # A passive declare only asks; its message_count is the number of ready messages,
+    # as LLEN is on Redis. On a queue nobody has declared yet RabbitMQ answers 404 and
+    # closes the channel, hence a channel of its own for each question.
+    channel = connection.channel()
+    try:
+        return int(channel.queue_declare(queue=name, passive=True).message_count)
+    except connection.channel_errors:
+        return 0
+    finally:
+        try:
+            channel.close()
+        except connection.channel_errors + connection.connection_errors:
+            pass
+
+
+_patched = False
+
+
+def patch_kombu_redis_restore() -> None:
+    """Make kombu's Redis transport tolerate restoring unacknowledged messages after the
+    connection is gone, instead of ending the worker with
+    `Unrecoverable error: AttributeError("'NoneType' object has no attribute 'hostname'")`.
+
+    Found in kombu 5.7.0 (the latest release when written; no released version fixes it):
+    when Redis goes away while a worker holds unacknowledged tasks and is waiting on BRPOP,
+    Celery's consumer calls `connection.collect()` and then `connection.close()`
+    (celery/worker/consumer/consumer.py, `on_connection_error_after_connected`).
+    - `collect()` -> `Connection._do_close_self()`: closing the default channel first fails
+      in `Channel.close()` -> `_brpop_read()` with a ConnectionError, which
+      `maybe_close_channel` swallows, so the channel stays open; then
+      `virtual.Transport.close_connection()` closes the other channels newest first, and
+      the first one that raises (deleting a pidbox/gossip fanout queue on the dead server)
+      ends that loop, so the default channel is never closed; finally
+      `Connection._do_close_transport()` sets `transport.client = None`.
+    - `close()` closes that default channel for real: kombu/transport/virtual/base.py
+      `Channel.close()` -> `QoS.restore_unacked_once()` -> kombu/transport/redis.py
+      `QoS.restore_unacked()` -> `Channel.conn_or_acquire()` -> `_create_client()` ->
+      `_get_pool()` -> `_connparams()`, which reads `self.connection.client.hostname`
+      with `client` None. The AttributeError is neither a connection nor a channel error,
+      so it escapes Celery's recovery and the worker process exits.
+
+    Such a restore cannot reach Redis anyway (the transport no longer knows its address),
+    and it is not needed: Redis already holds each of those tasks in its `unacked` hash,
+    and the visibility-timeout sweep (`QoS.restore_visible`, every
+    `unacked_restore_interval`) puts them back on their queue; the outbox sweeper
+    re-enqueues any accepted send still undecided. So with the transport detached the
+    patched `restore_unacked` forgets the in-memory list, logs, and returns.
+    Idempotent; remove it once a kombu release checks for a detached transport there.
+    """
+    global _patched
+    if _patched:
+        return
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.restore_unacked
+
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        transport = getattr(self.channel, "connection", None)
+        if client is None and (transport is None or getattr(transport, "client", None) is None):
+            if self._delivered:
+                log.warning(
+                    "broker connection already closed: %d unacknowledged task(s) stay in "
+                    "Redis and are redelivered after the visibility timeout",
+                    len(self._delivered),
+                )
+            self._delivered.clear()
+            return None
+        return original(self, client)
+
+    restore_unacked.__wrapped__ = original  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked
+    _patched = True
