@@ -53,14 +53,14 @@ def _redispatch_sends(context: JobContext) -> int:
     return redispatch_stale_sends(context.session, context.enqueue_send)
 
 
-REDISPATCH_INTERVAL = timedelta(seconds=5)
+REDISPATCH_INTERVAL = timedelta(seconds=2)
 
 JOBS: dict[str, Job] = {
     job.name: job
     for job in (
         Job(
             "redispatch-sends",
-            "Enqueue again every accepted send no worker has decided within 10 s "
+            "Enqueue again every accepted send no worker has decided within 5 s "
             "(backing off), and reject those tried too often.",
             schedule(REDISPATCH_INTERVAL),
             REDISPATCH_INTERVAL,

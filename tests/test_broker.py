@@ -5,6 +5,8 @@ starts, restarts and stops itself (never the machine's own)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import signal
@@ -86,15 +88,15 @@ def test_closing_a_channel_after_redis_died_keeps_its_unacked_tasks_in_redis(tmp
     try:
         queue = Queue("direct", Exchange("direct"), "direct")
         with Connection(server.url) as publisher:
-            Producer(publisher).publish({"n": 1}, exchange=queue.exchange, declare=[queue],
-                                        routing_key="direct")
+            Producer(publisher).publish(
+                {"n": 1}, exchange=queue.exchange, declare=[queue], routing_key="direct"
+            )
         connection = Connection(server.url)
         channel = connection.default_channel
         received: list = []
-        Consumer(channel, [queue], callbacks=[lambda _body, message: received.append(message)])
-        channel.basic_consume  # noqa: B018 (the consumer above registered on this channel)
-        consumer = Consumer(channel, [queue], callbacks=[lambda _b, m: received.append(m)])
-        consumer.consume()
+        Consumer(
+            channel, [queue], callbacks=[lambda _body, message: received.append(message)]
+        ).consume()
         # A second channel with a fanout queue, as Celery's pidbox has: closing it on a dead
         # server raises, which is what leaves the default channel open in collect().
         pidbox = Consumer(
@@ -212,9 +214,7 @@ def test_a_send_is_stored_through_rabbitmq(app, client, make_user, auth, celery_
     assert app.extensions["celery"].conf.broker_url.startswith("amqp")
     alice = make_user("alice", role="manager")
     make_user("bob", role="member")
-    response = client.post(
-        "/v1/conversations", json={"participant_id": "bob"}, headers=auth(alice)
-    )
+    response = client.post("/v1/conversations", json={"participant_id": "bob"}, headers=auth(alice))
     assert response.status_code == 201, response.json
     conversation_id = response.json["id"]
     response = client.post(
@@ -280,14 +280,24 @@ class Chat:
         assert self.status(message_id) == "stored", self.system.logs()
 
     def hold_conversation(self) -> sqlalchemy.Connection:
-        """Lock the conversation row: the worker's store waits on it, so tasks stay
-        delivered and unacknowledged (in flight) until the lock is let go."""
+        """Lock the conversation row: the worker's store (FOR UPDATE) waits on it, so
+        tasks stay delivered and unacknowledged (in flight) until the lock is let go. NO KEY
+        UPDATE lets the API's insert of a send (its foreign key check) through."""
         connection = self.engine.connect()
         connection.exec_driver_sql(
-            "SELECT id FROM conversations WHERE id = %(id)s FOR UPDATE",
+            "SELECT id FROM conversations WHERE id = %(id)s FOR NO KEY UPDATE",
             {"id": self.conversation_id},
         )
         return connection
+
+    def stores_waiting(self) -> int:
+        """Worker transactions waiting for the held lock: tasks delivered, running and not
+        acknowledged."""
+        with self.engine.connect() as connection:
+            return connection.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            ).scalar_one()
 
     def assert_alive(self) -> None:
         processes = [web for _, web in self.system.webs] + [self.system.worker]
@@ -343,6 +353,19 @@ def start_chat(
 RESTARTS = 3
 
 
+def unacked_in(client: redis.Redis, message_ids: list[str]) -> bool:
+    """Whether the task of each message is delivered and unacknowledged: kombu keeps each
+    such task's message in the `unacked` hash, and its body holds the message id."""
+    bodies = []
+    for raw in client.hvals("unacked"):
+        message, _exchange, _routing_key = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body).decode()
+        bodies.append(body)
+    return all(any(message_id in body for body in bodies) for message_id in message_ids)
+
+
 def test_a_worker_outlives_restarts_of_its_redis(start_chat, database_url, tmp_path):
     """The Procfile's worker against a Redis of this test's own (AOF on, so queued tasks
     survive), restarted while tasks are in flight: the worker process stays up and consumes
@@ -356,8 +379,8 @@ def test_a_worker_outlives_restarts_of_its_redis(start_chat, database_url, tmp_p
             held = chat.hold_conversation()
             try:
                 in_flight = [chat.send(f"in flight {restart}.{n}") for n in range(2)]
-                # Delivered to the worker and not acknowledged: kombu's unacked hash.
-                wait_for(lambda: client.hlen("unacked") >= len(in_flight), timeout=30)
+                # Delivered to the worker and not acknowledged: in kombu's unacked hash.
+                wait_for(lambda ids=in_flight: unacked_in(client, ids), timeout=30)
                 server.stop()
             finally:
                 held.close()  # let go while Redis is down: those acks cannot reach it
@@ -425,10 +448,11 @@ class RabbitMQNode:
     def start(self, timeout: float = 120.0) -> RabbitMQNode:
         binary = rabbitmq_server_binary()
         assert binary, "rabbitmq-server is not installed"
+        env = self._env()
         log = (self.directory / "server.log").open("ab")
         self.process = subprocess.Popen(
             [binary],
-            env=self._env(),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -463,6 +487,12 @@ def ready_in(url: str, queue: str) -> int:
         return connection.default_channel.queue_declare(queue=queue, passive=True).message_count
 
 
+def queue_state(url: str, queue: str) -> str:
+    with Connection(url) as connection:
+        declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+        return f"{queue}: {declared.message_count} ready, {declared.consumer_count} consumers"
+
+
 @pytest.mark.skipif(rabbitmq_server_binary() is None, reason="rabbitmq-server is not installed")
 def test_a_worker_outlives_restarts_of_its_rabbitmq(start_chat, database_url, redis_url, tmp_path):
     """The Procfile's worker against a RabbitMQ node of this test's own, restarted while
@@ -476,8 +506,10 @@ def test_a_worker_outlives_restarts_of_its_rabbitmq(start_chat, database_url, re
             held = chat.hold_conversation()
             try:
                 in_flight = chat.send(f"in flight {restart}")
-                # 202 came after RabbitMQ confirmed it; none ready means the worker has it.
-                wait_for(lambda: ready_in(node.url, "direct") == 0, timeout=30)
+                try:
+                    wait_for(lambda: chat.stores_waiting() == 1, timeout=30)
+                except AssertionError:
+                    raise AssertionError(queue_state(node.url, "direct")) from None
                 node.stop()
             finally:
                 held.close()
@@ -490,7 +522,7 @@ def test_a_worker_outlives_restarts_of_its_rabbitmq(start_chat, database_url, re
         held = chat.hold_conversation()
         try:
             in_flight = chat.send("in flight at the kill")
-            wait_for(lambda: ready_in(node.url, "direct") == 0, timeout=30)
+            wait_for(lambda: chat.stores_waiting() == 1, timeout=30)
             worker = chat.system.worker
             assert worker and worker.process
             os.killpg(worker.process.pid, signal.SIGKILL)

@@ -8,14 +8,20 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+import redis
+import sqlalchemy
+from sqlalchemy import select, text, update
 
+from app.embedded import free_port
 from app.models import JobState, Message
-from app.services.sends import MAX_DISPATCHES
+from app.services.sends import FREE_RETRIES, MAX_DISPATCHES
+from app.settings import normalise_database_url
 from schedules.jobs import JOBS
 from schedules.runner import run_job
 from tests.helpers import error_code, events_of, queue_send, run_threads, wait_for
@@ -92,13 +98,13 @@ def test_a_send_whose_task_was_lost_is_redispatched_and_stored(app, pair, celery
 def test_redispatch_backs_off_and_skips_sends_a_worker_holds(app, pair):
     _, _, conversation_id = pair
     backing_off = queue_send(app, "alice", conversation_id, "tried once", "b-1")
-    # Re-enqueued 15 s ago: the second try waits 20 s (10 s doubled).
+    # Re-enqueued 8 s ago, for the fourth time: the fifth try waits 10 s (5 s doubled).
     age_send(
         app,
         backing_off,
         60,
-        dispatch_count=1,
-        dispatched_at=datetime.now(UTC) - timedelta(seconds=15),
+        dispatch_count=FREE_RETRIES + 1,
+        dispatched_at=datetime.now(UTC) - timedelta(seconds=8),
     )
     held = queue_send(app, "alice", conversation_id, "being stored", "h-1")
     age_send(app, held, 60)
@@ -269,3 +275,59 @@ def test_health_workers_says_when_accepted_sends_are_not_being_decided(app, clie
     ]
     age = float(age_line.split()[1])
     assert age >= 120
+
+
+def test_two_live_beats_run_each_slot_once(database_url, redis_url, tmp_path: Path):
+    """Two of the Procfile's beat processes and one worker, for a few redispatch slots:
+    every slot the beats both sent runs once, the second copy is skipped."""
+    from tests.live import LiveProcess, wait_http
+    from tests.test_stream import live_env, separate_redis_db
+
+    env = live_env(database_url, separate_redis_db(redis_url, 4))
+    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    metrics_port = free_port()
+    base = dict(os.environ) | env
+    base["PATH"] = os.path.dirname(sys.executable) + os.pathsep + base.get("PATH", "")
+    worker = LiveProcess(
+        "worker",
+        base | {"WORKER_CONCURRENCY": "4", "SWITCHBOARD_WORKER_METRICS_PORT": str(metrics_port)},
+        tmp_path / "worker.log",
+    )
+    beats = [
+        LiveProcess(
+            "beat",
+            base | {"CELERY_BEAT_SCHEDULE": str(tmp_path / f"beat{index}-schedule")},
+            tmp_path / f"beat{index}.log",
+        )
+        for index in (1, 2)
+    ]
+    processes = [worker.start(), *(beat.start() for beat in beats)]
+    try:
+        wait_http(f"http://127.0.0.1:{metrics_port}/metrics", worker)
+
+        def runs() -> dict[str, float]:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+            counts: dict[str, float] = {}
+            for line in body.decode().splitlines():
+                if line.startswith('switchboard_job_runs_total{job="redispatch-sends"'):
+                    outcome = line.split('outcome="')[1].split('"')[0]
+                    counts[outcome] = float(line.split()[-1])
+            return counts
+
+        # Both beats send every 2 s: wait for four slots' worth of copies.
+        counts = wait_for(lambda: (c := runs()) and sum(c.values()) >= 8 and c, timeout=60)
+        for process in processes:
+            assert process.process.poll() is None, process.log_path.read_text()[-3000:]
+        # Without the slot claim every copy would run: nothing would be skipped.
+        skipped = counts.get("skipped_done", 0) + counts.get("skipped_running", 0)
+        assert counts.get("succeeded", 0) >= 1 and skipped >= 1, counts
+        with sqlalchemy.create_engine(normalise_database_url(database_url)).connect() as connection:
+            assert (
+                connection.execute(
+                    text("SELECT count(*) FROM job_state WHERE job = 'redispatch-sends'")
+                ).scalar_one()
+                == 1
+            )
+    finally:
+        for process in processes:
+            process.stop()

@@ -11,7 +11,6 @@ laptop's) or RabbitMQ (`SWITCHBOARD_BROKER_URL=amqp://...`).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -20,8 +19,6 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from app.settings import Settings
-
-log = logging.getLogger(__name__)
 
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 
@@ -68,6 +65,13 @@ def broker_options(settings: Settings) -> dict[str, Any]:
             # Exchange are durable by default; the queues are declared in init_celery).
             # Said explicitly: a transient message is lost when RabbitMQ restarts.
             "task_default_delivery_mode": "persistent",
+            # After a reconnection Celery lowers the prefetch count while tasks from before
+            # it still run and raises it again later; found here: after a RabbitMQ restart
+            # with a task in flight, that path left the worker holding deliveries it never
+            # ran or acknowledged (3 unacked on its channel, nothing consumed) in about one
+            # run in two of tests/test_broker.py. Without the reduction: none in the runs
+            # since. Prefetch is small (multiplier 1) so over-fetching costs little.
+            "worker_enable_prefetch_count_reduction": False,
             # With task_acks_late a task stays unacknowledged until it has run, so
             # RabbitMQ hands a killed worker's tasks to another consumer as soon as the
             # connection drops: no visibility timeout to wait out, unlike Redis.
@@ -126,56 +130,61 @@ _patched = False
 
 
 def patch_kombu_redis_restore() -> None:
-    """Make kombu's Redis transport tolerate restoring unacknowledged messages after the
-    connection is gone, instead of ending the worker with
-    `Unrecoverable error: AttributeError("'NoneType' object has no attribute 'hostname'")`.
+    """Make kombu's Redis transport raise a connection error, instead of AttributeError,
+    when a channel whose connection Celery has already torn down needs Redis again, so
+    that a Redis restart no longer ends the worker with
+    `Unrecoverable error: AttributeError("'NoneType' object has no attribute 'hostname'")`
+    (or `... attribute 'client'`).
 
-    Found in kombu 5.7.0 (the latest release when written; no released version fixes it):
-    when Redis goes away while a worker holds unacknowledged tasks and is waiting on BRPOP,
-    Celery's consumer calls `connection.collect()` and then `connection.close()`
-    (celery/worker/consumer/consumer.py, `on_connection_error_after_connected`).
-    - `collect()` -> `Connection._do_close_self()`: closing the default channel first fails
-      in `Channel.close()` -> `_brpop_read()` with a ConnectionError, which
-      `maybe_close_channel` swallows, so the channel stays open; then
-      `virtual.Transport.close_connection()` closes the other channels newest first, and
-      the first one that raises (deleting a pidbox/gossip fanout queue on the dead server)
-      ends that loop, so the default channel is never closed; finally
+    Found in kombu 5.7.0 (the latest release when written; no release fixes it). When
+    Redis goes away while a worker holds unacknowledged tasks and waits on BRPOP, Celery's
+    consumer calls `connection.collect()` and then `connection.close()`
+    (celery/worker/consumer/consumer.py, `on_connection_error_after_connected`):
+    - `collect()` -> `Connection._do_close_self()`: closing the default channel fails at
+      once in kombu/transport/redis.py `Channel.close()` -> `_brpop_read()` with a
+      ConnectionError that `maybe_close_channel` swallows, so that channel stays open;
+      `virtual.Transport.close_connection()` then closes the other channels newest first and
+      stops at the first that raises (deleting a pidbox or gossip fanout queue on the dead
+      server), so the default channel is never closed; finally
       `Connection._do_close_transport()` sets `transport.client = None`.
     - `close()` closes that default channel for real: kombu/transport/virtual/base.py
-      `Channel.close()` -> `QoS.restore_unacked_once()` -> kombu/transport/redis.py
-      `QoS.restore_unacked()` -> `Channel.conn_or_acquire()` -> `_create_client()` ->
-      `_get_pool()` -> `_connparams()`, which reads `self.connection.client.hostname`
-      with `client` None. The AttributeError is neither a connection nor a channel error,
-      so it escapes Celery's recovery and the worker process exits.
+      `Channel.close()` -> `QoS.restore_unacked_once()` -> redis.py `QoS.restore_unacked()`
+      -> `Channel.conn_or_acquire()` -> `_create_client()` -> `pool` -> `_get_pool()` ->
+      `_connparams()`, which reads `self.connection.client.hostname` with `client` None.
+    - The tasks that were running finish afterwards and their acknowledgements, queued on
+      the event loop, reach redis.py `QoS.ack()` -> `_remove_from_indices()` ->
+      `conn_or_acquire()` -> ... -> `_connparams()` on the now closed channel, whose
+      `connection` is None.
+    Neither AttributeError is a connection error, so each escapes Celery's recovery
+    (`maybe_close_channel`, `ignore_errors`, `Message.ack_log_error`) and ends the process.
 
-    Such a restore cannot reach Redis anyway (the transport no longer knows its address),
-    and it is not needed: Redis already holds each of those tasks in its `unacked` hash,
-    and the visibility-timeout sweep (`QoS.restore_visible`, every
-    `unacked_restore_interval`) puts them back on their queue; the outbox sweeper
-    re-enqueues any accepted send still undecided. So with the transport detached the
-    patched `restore_unacked` forgets the in-memory list, logs, and returns.
-    Idempotent; remove it once a kombu release checks for a detached transport there.
+    The patched `_connparams` raises `redis.exceptions.ConnectionError` instead, which is
+    what those paths expect from a lost broker: the restore and the acknowledgements are
+    given up (an acknowledgement logs "Couldn't ack"). Nothing is lost by that: Redis still
+    holds each of those tasks in kombu's `unacked` hash, and the visibility-timeout sweep
+    (`QoS.restore_visible`, every `unacked_restore_interval`) puts them back on their queue
+    for another run, which the idempotent store turns into a no-op; the outbox sweeper
+    re-enqueues any accepted send still undecided. Idempotent; drop it once a kombu release
+    no longer reaches `_connparams` on a closed channel.
     """
     global _patched
     if _patched:
         return
+    import redis.exceptions
     from kombu.transport import redis as kombu_redis
 
-    original = kombu_redis.QoS.restore_unacked
+    original = getattr(kombu_redis.Channel, "_connparams", None)
+    if original is None:  # a kombu that reworked this path: nothing to patch
+        return
 
-    def restore_unacked(self: Any, client: Any = None) -> Any:
-        transport = getattr(self.channel, "connection", None)
-        if client is None and (transport is None or getattr(transport, "client", None) is None):
-            if self._delivered:
-                log.warning(
-                    "broker connection already closed: %d unacknowledged task(s) stay in "
-                    "Redis and are redelivered after the visibility timeout",
-                    len(self._delivered),
-                )
-            self._delivered.clear()
-            return None
-        return original(self, client)
+    def _connparams(self: Any, asynchronous: bool = False) -> dict[str, Any]:
+        transport = self.connection
+        if transport is None or transport.client is None:
+            raise redis.exceptions.ConnectionError(
+                "the broker connection of this channel was closed (Redis went away)"
+            )
+        return original(self, asynchronous=asynchronous)
 
-    restore_unacked.__wrapped__ = original  # type: ignore[attr-defined]
-    kombu_redis.QoS.restore_unacked = restore_unacked
+    _connparams.__wrapped__ = original  # type: ignore[attr-defined]
+    kombu_redis.Channel._connparams = _connparams
     _patched = True

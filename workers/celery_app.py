@@ -171,9 +171,7 @@ class SwitchboardTask(Task):
         except RETRYABLE_ERRORS as record_exc:
             # The database is unreachable too; what this task was for stays pending
             # where its owner's sweeper finds it again (for sends: still `queued`).
-            log.error(
-                "task %s could not record its failure (%r): %r", self.name, exc, record_exc
-            )
+            log.error("task %s could not record its failure (%r): %r", self.name, exc, record_exc)
 
 
 celery = Celery("switchboard", task_cls=SwitchboardTask, set_as_current=False)

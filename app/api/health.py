@@ -37,7 +37,7 @@ def ready() -> ResponseReturnValue:
 
 
 # An accepted send undecided this long means no worker is consuming the direct queue
-# (or all are failing): the redispatch job re-enqueues after 10 s, a worker stores in ms.
+# (or all are failing): the redispatch job re-enqueues after 5 s, a worker stores in ms.
 WORKERS_STALLED_AFTER_SECONDS = 60.0
 
 

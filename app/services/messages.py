@@ -277,22 +277,46 @@ def delete_own_message(session: Session, user: User, message_id: str) -> Message
         raise Forbidden("Only the sender may delete a message.", code="not_sender")
     if message.status != "stored":
         raise NotFound("No such message.", code="message_not_found")
-    # Take the conversation's lock, as sends do, so unread counts move in one order.
-    session.execute(
-        select(Conversation.id).where(Conversation.id == message.conversation_id).with_for_update()
+    return soft_delete_message(session, message.id, reason="deleted_by_sender", actor_id=user.id)
+
+
+def soft_delete_message(
+    session: Session,
+    message_id: uuid.UUID,
+    *,
+    reason: str,
+    actor_id: str | None,
+    audit_detail: dict[str, Any] | None = None,
+) -> Message:
+    """Remove a stored message's body for everyone, leaving a placeholder that carries
+    `reason` (`deleted_by_sender`, `removed_by_moderator`, `expired`, ...): unread counts
+    of recipients who had not read it go down by one, every participant gets a
+    `message.deleted` event, and an audit row says who (`actor_id`, None for the system)
+    did it and why. Deleting a deleted message changes nothing.
+
+    Locks in the order every path uses: the conversation, then the message, then (in
+    `append_events`) the users' event sequences.
+    """
+    conversation_id = session.scalar(
+        select(Message.conversation_id).where(Message.id == message_id)
     )
-    session.refresh(message, with_for_update=True)
-    if message.deleted_at is not None:
+    session.execute(
+        select(Conversation.id).where(Conversation.id == conversation_id).with_for_update()
+    )
+    message = session.scalars(
+        select(Message).where(Message.id == message_id).with_for_update()
+    ).one()
+    if message.deleted_at is not None or message.status != "stored":
         return message
     now = session.scalar(select(func.clock_timestamp()))
-    message.deleted_at, message.deleted_by = now, user.id
-    message.delete_reason, message.body = "deleted_by_sender", None
+    message.deleted_at, message.deleted_by = now, actor_id
+    message.delete_reason, message.body = reason, None
     # Recipients who had not read it yet have one unread message fewer.
     session.execute(
         update(Participant)
         .where(
             Participant.conversation_id == message.conversation_id,
-            Participant.user_id != user.id,
+            Participant.user_id != message.sender_id,
             Participant.unread_count > 0,
             (Participant.last_read_at.is_(None))
             | (
@@ -304,12 +328,12 @@ def delete_own_message(session: Session, user: User, message_id: str) -> Message
     )
     session.add(
         AuditLog(
-            tenant_id=user.tenant_id,
-            actor_id=user.id,
+            tenant_id=message.tenant_id,
+            actor_id=actor_id,
             action="message.deleted",
             target_type="message",
             target_id=str(message.id),
-            detail={"reason": "deleted_by_sender"},
+            detail={"reason": reason} | (audit_detail or {}),
         )
     )
     recipients = session.scalars(

@@ -34,10 +34,13 @@ from app.services.messages import body_digest, decide_send, message_id_for, reje
 from monitoring.metrics import SENDS_REDISPATCHED
 
 # A send still queued this long after it was accepted (or last re-enqueued) is enqueued
-# again; each further attempt waits twice as long, up to 2**MAX_BACKOFF_DOUBLINGS times.
-STALE_AFTER = timedelta(seconds=10)
+# again. The first FREE_RETRIES re-enqueues come at that pace (an attempt made while the
+# broker was restarting is lost with it, and must not slow recovery); each later one
+# waits twice as long as the one before, up to 2**MAX_BACKOFF_DOUBLINGS times.
+STALE_AFTER = timedelta(seconds=5)
+FREE_RETRIES = 3
 MAX_BACKOFF_DOUBLINGS = 5
-# After this many re-enqueues (about 2.5 hours with the backoff) the send is rejected.
+# After this many re-enqueues (about an hour and a half with the backoff) the send is rejected.
 MAX_DISPATCHES = 24
 SWEEP_BATCH = 500
 
@@ -131,7 +134,8 @@ _CLAIM_STALE = text(
         SELECT id FROM messages
         WHERE status = 'queued'
           AND COALESCE(dispatched_at, created_at) < clock_timestamp()
-              - make_interval(secs => :stale_seconds * power(2, LEAST(dispatch_count, :doublings)))
+              - make_interval(secs => :stale_seconds
+                  * power(2, GREATEST(0, LEAST(dispatch_count - :free_retries, :doublings))))
         ORDER BY created_at
         LIMIT :batch
         FOR UPDATE SKIP LOCKED
@@ -152,6 +156,7 @@ def redispatch_stale_sends(
         {
             "stale_seconds": stale_after.total_seconds(),
             "doublings": MAX_BACKOFF_DOUBLINGS,
+            "free_retries": FREE_RETRIES,
             "batch": SWEEP_BATCH,
         },
     ).all()
