@@ -24,12 +24,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.errors import register_error_handlers
     from app.events import PUBLISHER_KEY, RedisPublisher
     from app.policy import load_policy
+    from app.services.moderation import pending_reports_summary
     from app.services.sends import oldest_queued_age_seconds
     from app.stream.hub import Hub
     from app.stream.log import EventLog
     from app.web import install_request_hooks
     from monitoring.logging import configure_logging
-    from monitoring.metrics import QueueDepthCollector, QueuedSendsCollector, build_registry
+    from monitoring.metrics import (
+        JobStateCollector,
+        PendingReportsCollector,
+        QueueDepthCollector,
+        QueuedSendsCollector,
+        build_registry,
+    )
+    from schedules.runner import job_statuses
     from workers.celery_app import QUEUES, init_celery
 
     settings = settings or load_settings()
@@ -78,8 +86,21 @@ def create_app(settings: Settings | None = None) -> Flask:
         with database.read_sessions() as session:
             return oldest_queued_age_seconds(session)
 
+    def pending_reports() -> tuple[int, float]:
+        with database.read_sessions() as session:
+            return pending_reports_summary(session)
+
+    def jobs_status() -> list:
+        with database.read_sessions() as session:
+            return job_statuses(session, policy)
+
     app.extensions["switchboard.metrics_registry"] = build_registry(
-        [QueueDepthCollector(queue_depths), QueuedSendsCollector(queued_sends)]
+        [
+            QueueDepthCollector(queue_depths),
+            QueuedSendsCollector(queued_sends),
+            PendingReportsCollector(pending_reports),
+            JobStateCollector(jobs_status),
+        ]
     )
 
     install_request_hooks(app)

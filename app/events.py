@@ -60,6 +60,19 @@ class Publisher(Protocol):
     def publish(self, events: Sequence[Event]) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """One event of `type` and `data` for many users, each at their own sequence: what a
+    broadcast chunk appends. Announced as ONE pub/sub message, not one per recipient."""
+
+    type: str
+    data: dict[str, Any]
+    recipients: list[tuple[str, int]]  # (user id, seq), in user id order
+
+    def events(self) -> list[Event]:
+        return [Event(user_id, seq, self.type, self.data) for user_id, seq in self.recipients]
+
+
 class RedisPublisher:
     """Announces committed events on one Redis channel that every web process subscribes to."""
 
@@ -79,6 +92,27 @@ class RedisPublisher:
             # The events are committed in the log; sockets catch up on reconnect.
             EVENT_PUBLISH_FAILURES.inc(len(events))
             log.warning("could not announce %d events on Redis: %r", len(events), exc)
+
+    def publish_batch(self, batch: EventBatch) -> None:
+        if not batch.recipients:
+            return
+        try:
+            self._client.publish(self._channel, encode_batch_announcement(batch))
+        except redis.RedisError as exc:
+            EVENT_PUBLISH_FAILURES.inc(len(batch.recipients))
+            log.warning(
+                "could not announce a batch of %d events on Redis: %r", len(batch.recipients), exc
+            )
+
+
+def encode_batch_announcement(batch: EventBatch) -> str:
+    """`{type, data, recipients: [[user_id, seq], ...]}`: the hub tells it from a single
+    event's announcement by `recipients`."""
+    return json.dumps(
+        {"type": batch.type, "data": batch.data, "recipients": batch.recipients},
+        separators=(",", ":"),
+        default=str,
+    )
 
 
 def encode_announcement(event: Event) -> str:
@@ -127,6 +161,53 @@ def append_events(
     if publisher is not None:
         after_commit(session, lambda: publisher.publish(events))
     return events
+
+
+# Bulk path: the same locking rule as _NEXT_SEQUENCES (rows locked in id order, so
+# batches and single appends never wait on each other in opposite orders), one statement
+# for any number of users.
+_BULK_EVENTS = text(
+    """
+    INSERT INTO user_events (user_id, seq, type, payload)
+    SELECT id, seq, :type, CAST(:payload AS jsonb)
+    FROM unnest(CAST(:ids AS text[]), CAST(:seqs AS bigint[])) AS e(id, seq)
+    """
+).bindparams(bindparam("ids"), bindparam("seqs"))
+
+
+def append_event_batch(
+    session: Session, recipients: Iterable[str], type: str, data: dict[str, Any]
+) -> EventBatch:
+    """Append one event of `type` to each recipient's log with two statements whatever
+    their number (bump every sequence in id order, insert every row), and announce the
+    whole batch as one pub/sub message after commit."""
+    if type not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type!r}")
+    user_ids = sorted(set(recipients))
+    batch = EventBatch(type, data, [])
+    if not user_ids:
+        return batch
+    bumped = sorted((row[0], row[1]) for row in session.execute(_NEXT_SEQUENCES, {"ids": user_ids}))
+    batch.recipients.extend(bumped)
+    session.execute(
+        _BULK_EVENTS,
+        {
+            "type": type,
+            "payload": json.dumps(data, default=str),
+            "ids": [user_id for user_id, _ in bumped],
+            "seqs": [seq for _, seq in bumped],
+        },
+    )
+    EVENTS_APPENDED.labels(type).inc(len(bumped))
+    publisher: Publisher | None = session.info.get(PUBLISHER_KEY)
+    if publisher is not None:
+        publish_batch = getattr(publisher, "publish_batch", None)
+        if publish_batch is not None:
+            after_commit(session, lambda: publish_batch(batch))
+        else:
+            # A publisher without batches (a test double): one announcement per event.
+            after_commit(session, lambda: publisher.publish(batch.events()))
+    return batch
 
 
 def now_iso() -> str:

@@ -58,6 +58,9 @@ graceful_timeout = 20
 keepalive = 5
 accesslog = None
 errorlog = "-"
+# gunicorn 27's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl),
+# so every gunicorn of that user on the machine fights over it; nothing here uses it.
+control_socket_disable = True
 
 # The metrics directory this process chose itself (and so removes on exit); None when
 # PROMETHEUS_MULTIPROC_DIR was given, as that one belongs to whoever set it.

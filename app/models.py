@@ -205,6 +205,16 @@ class UserEvent(Base):
     payload: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
 
+    __table_args__ = (
+        # The purge finds a message's events by its id to scrub their content (events are
+        # kept, not deleted: a resume relies on each user's sequence having no gaps).
+        Index(
+            "ix_user_events_message_id",
+            text("(payload ->> 'id')"),
+            postgresql_where=text("type IN ('message.created', 'message.deleted')"),
+        ),
+    )
+
 
 class Broadcast(Base):
     __tablename__ = "broadcasts"
@@ -217,7 +227,8 @@ class Broadcast(Base):
     scope: Mapped[str] = mapped_column(String(ID_LENGTH), server_default=text("''"))
     body: Mapped[str | None] = mapped_column(Text)
     body_sha256: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), server_default=text("'stored'"))
+    # queued (accepted: the outbox row, fanning out), then stored or rejected.
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'queued'"))
     rejection_reason: Mapped[str | None] = mapped_column(String(64))
     recipient_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
@@ -225,6 +236,14 @@ class Broadcast(Base):
     deleted_at: Mapped[datetime | None]
     deleted_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"))
     delete_reason: Mapped[str | None] = mapped_column(String(64))
+    # The quota period key it was counted against (None: the rule has no quota).
+    quota_period: Mapped[str | None] = mapped_column(String(32))
+    # Fan-out walks recipients in id order; the last id reached (None: not started).
+    fanout_cursor: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    decided_at: Mapped[datetime | None]
+    # The sweeper's bookkeeping, as for sends (see app/services/broadcasts.py).
+    dispatched_at: Mapped[datetime | None]
+    dispatch_count: Mapped[int] = mapped_column(SmallInteger, server_default=text("0"))
 
     __table_args__ = (
         UniqueConstraint("sender_id", "client_id"),
@@ -234,6 +253,30 @@ class Broadcast(Base):
             "tenant_id",
             "audience",
             text("created_at DESC"),
+        ),
+        Index("ix_broadcasts_queued", "created_at", postgresql_where=text("status = 'queued'")),
+    )
+
+
+class BroadcastRecipient(Base):
+    """One recipient's copy of a broadcast: their inbox row and its read state."""
+
+    __tablename__ = "broadcast_recipients"
+
+    broadcast_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("broadcasts.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    # Copied from the broadcast so that "my broadcasts, newest first" is one index scan.
+    created_at: Mapped[datetime]
+    read_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index(
+            "ix_broadcast_recipients_user_created",
+            "user_id",
+            text("created_at DESC"),
+            text("broadcast_id DESC"),
         ),
     )
 
@@ -263,11 +306,30 @@ class Report(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     resolved_at: Mapped[datetime | None]
     resolved_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"))
+    # The moderator's why, shown in the queue (the audit row keeps it too).
+    resolution_note: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
+        # One report per reporter and message, ever: a dismissal is final for that
+        # reporter (see app/services/moderation.py).
         UniqueConstraint("message_id", "reporter_id"),
         CheckConstraint("status IN ('pending', 'removed', 'dismissed')", name="status"),
-        Index("ix_reports_queue", "tenant_id", "status", "created_at"),
+        CheckConstraint("(status = 'pending') = (resolved_at IS NULL)", name="resolved_at"),
+        # The moderation queue, oldest first, keyset-paged by (created_at, id).
+        Index(
+            "ix_reports_queue_pending",
+            "tenant_id",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_reports_queue_resolved",
+            "tenant_id",
+            "created_at",
+            "id",
+            postgresql_where=text("status <> 'pending'"),
+        ),
         # A message under an open report is kept from purge: the purge looks this up.
         Index(
             "ix_reports_pending_message", "message_id", postgresql_where=text("status = 'pending'")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -110,13 +111,50 @@ JOB_RUNS = Counter(
     "switchboard_job_runs_total",
     "Periodic job runs by outcome: succeeded, skipped_running (another copy held it),"
     " skipped_done (this slot already ran), failed.",
-    ["job", "outcome"],
+    ["job_name", "outcome"],
 )
 JOB_DURATION = Histogram(
     "switchboard_job_duration_seconds",
     "Time a periodic job's successful run took.",
-    ["job"],
+    ["job_name"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0),
+)
+
+REPORTS_FILED = Counter(
+    "switchboard_reports_filed_total",
+    "Reports of messages filed (a repeat of an existing report not counted), by reason.",
+    ["reason"],
+)
+REPORTS_RESOLVED = Counter(
+    "switchboard_reports_resolved_total",
+    "Reports resolved by a moderator, by action: remove (every pending report of the message)"
+    " or dismiss.",
+    ["action"],
+)
+
+BROADCASTS = Counter(
+    "switchboard_broadcasts_total",
+    "Broadcast requests by outcome (accepted, refused) and reason (the refusal's code;"
+    " 'new' or 'repeat' when accepted), and fan-outs finished (stored) or rejected.",
+    ["outcome", "reason"],
+)
+BROADCAST_CHUNK_DURATION = Histogram(
+    "switchboard_broadcast_chunk_duration_seconds",
+    "Time to write one fan-out chunk (recipients' inbox rows and events) in its transaction.",
+    buckets=LATENCY_BUCKETS,
+)
+BROADCAST_RECIPIENTS = Counter(
+    "switchboard_broadcast_recipients_total",
+    "Recipients a broadcast reached (inbox row and event written; never counted twice).",
+)
+BROADCASTS_REDISPATCHED = Counter(
+    "switchboard_broadcasts_redispatched_total",
+    "Queued broadcasts the sweeper found stalled: enqueued again, or rejected (gave_up).",
+    ["outcome"],
+)
+BROADCAST_ENQUEUE_FAILURES = Counter(
+    "switchboard_broadcast_enqueue_failures_total",
+    "Fan-out tasks that could not be handed to the broker (the sweeper enqueues them again).",
 )
 
 
@@ -165,6 +203,78 @@ class QueuedSendsCollector(Collector):
             "Seconds the oldest accepted, undecided send has waited (0 when none wait).",
             value=oldest_age,
         )
+
+
+class PendingReportsCollector(Collector):
+    """Reads, when Prometheus scrapes, how many reports await a moderator (every tenant
+    together: a per-tenant gauge would be one series per tenant) and how long the oldest
+    has waited: the moderation backlog, and how far behind it is."""
+
+    def __init__(self, read: Callable[[], tuple[int, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            count, oldest_age = self._read()
+        except (SQLAlchemyError, OSError):
+            # The database is down: readiness and the database's own alerts say so.
+            return
+        yield GaugeMetricFamily(
+            "switchboard_reports_pending", "Reports of messages awaiting a moderator.", value=count
+        )
+        yield GaugeMetricFamily(
+            "switchboard_reports_pending_oldest_age_seconds",
+            "Seconds the oldest pending report has waited (0 when none wait).",
+            value=oldest_age,
+        )
+
+
+class JobStateCollector(Collector):
+    """Reads, when Prometheus scrapes, how each periodic job last went (from `job_state`,
+    so every beat, worker and `switchboard jobs run` counts, whichever process ran it):
+    when it last succeeded, the rows it touched, how long it took, and its period (so an
+    alert can say "not succeeded within twice its period" for hourly and daily jobs alike).
+
+    `read` returns rows with `job`, `period_seconds`, `last_succeeded_at` (a datetime or
+    None: never), `last_rows` and `last_duration_seconds`."""
+
+    def __init__(self, read: Callable[[], Iterable[Any]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        try:
+            statuses = list(self._read())
+        except (SQLAlchemyError, OSError):
+            # The database is down: readiness and the database's own alerts say so.
+            return
+        period = GaugeMetricFamily(
+            "switchboard_job_period_seconds",
+            "Seconds between a periodic job's scheduled runs (under the loaded policy).",
+            labels=["job_name"],
+        )
+        succeeded = GaugeMetricFamily(
+            "switchboard_job_last_success_timestamp_seconds",
+            "Unix time a periodic job last succeeded (absent: never).",
+            labels=["job_name"],
+        )
+        rows = GaugeMetricFamily(
+            "switchboard_job_last_rows",
+            "Rows a periodic job's last successful run touched.",
+            labels=["job_name"],
+        )
+        duration = GaugeMetricFamily(
+            "switchboard_job_last_duration_seconds",
+            "Seconds a periodic job's last successful run took.",
+            labels=["job_name"],
+        )
+        for status in statuses:
+            period.add_metric([status.job], status.period_seconds)
+            if status.last_succeeded_at is None:
+                continue
+            succeeded.add_metric([status.job], status.last_succeeded_at.timestamp())
+            rows.add_metric([status.job], float(status.last_rows or 0))
+            duration.add_metric([status.job], float(status.last_duration_seconds or 0.0))
+        yield from (period, succeeded, rows, duration)
 
 
 def build_registry(extra_collectors: Iterable[Collector] = ()) -> CollectorRegistry:

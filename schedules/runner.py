@@ -3,7 +3,10 @@
 A run takes a PostgreSQL advisory lock for its job (a second copy running at the same
 moment skips) and claims the job's current slot in `job_state` (a copy arriving after
 the first finished skips too), both inside the job's own transaction: a run that fails
-leaves the slot unclaimed for the next copy or the next beat.
+leaves the slot unclaimed for the next copy or the next beat. A batched job (the
+retention jobs) commits each batch in a transaction of its own (`JobContext.transaction`)
+while this one holds the lock: a failure keeps the batches done (each is idempotent) and
+leaves the slot for the next copy, which goes on from there.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def run_job(
     name: str,
     *,
     enqueue_send: Callable[[uuid.UUID], None],
+    enqueue_broadcast: Callable[[uuid.UUID], None] | None = None,
     now: datetime | None = None,
     force: bool = False,
 ) -> JobRun:
@@ -59,7 +63,8 @@ def run_job(
     if job is None:
         raise UnknownJob(f"no job named {name!r}; known: {', '.join(sorted(JOBS))}")
     now = now or datetime.now(UTC)
-    slot = job.slot_of(now)
+    # The slot as the policy times the job (a daily job's: the day from its time).
+    slot = job.slot_of(now, policy)
     started = time.perf_counter()
     locked = session.scalar(
         select(func.pg_try_advisory_xact_lock(ADVISORY_LOCK_NAMESPACE, func.hashtext(name)))
@@ -82,7 +87,7 @@ def run_job(
     if session.execute(claim.returning(JobState.job)).first() is None:
         JOB_RUNS.labels(name, "skipped_done").inc()
         return JobRun(name, "skipped_done")
-    rows = job.run(JobContext(session, policy, now, enqueue_send))
+    rows = job.run(JobContext(session, policy, now, enqueue_send, enqueue_broadcast))
     duration = time.perf_counter() - started
     session.execute(
         update(JobState)
@@ -102,3 +107,32 @@ def run_job(
 
     after_commit(session, record)
     return JobRun(name, "succeeded", rows, duration)
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """How a job stands, for the metrics: its period under the policy and its last run."""
+
+    job: str
+    period_seconds: float
+    last_succeeded_at: datetime | None
+    last_rows: int | None
+    last_duration_seconds: float | None
+
+
+def job_statuses(session: Session, policy: Policy) -> list[JobStatus]:
+    """Every job's status (one query over `job_state`), in `JOBS` order."""
+    states = {state.job: state for state in session.scalars(select(JobState))}
+    statuses = []
+    for job in JOBS.values():
+        state = states.get(job.name)
+        statuses.append(
+            JobStatus(
+                job.name,
+                job.timing(policy).period.total_seconds(),
+                state.last_succeeded_at if state else None,
+                state.last_rows if state else None,
+                state.last_duration_seconds if state else None,
+            )
+        )
+    return statuses

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -37,6 +38,7 @@ from app.embedded import RedisServer, start_postgres
 from app.models import Base, User
 from app.services.users import UserUpsert, upsert_user
 from app.settings import Settings, load_settings, normalise_database_url
+from schedules import beat_schedule
 from workers.broker import broker_options, is_amqp
 
 SERVICE_TOKEN = "test-service-token-0123456789"
@@ -44,11 +46,14 @@ JWT_SECRET = "test-jwt-secret-0123456789abcdefghijklmnop"
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> Iterator[str]:
     server_url = os.environ.get("TEST_DATABASE_URL")
-    embedded = None
+    embedded, data_directory = None, None
     if not server_url:
-        embedded, server_url = start_postgres(tmp_path_factory.mktemp("pg"), "postgres")
+        # Not under pytest's basetemp: a second pytest run on the machine prunes the oldest
+        # basetemp folders, and would delete this server's data while it runs.
+        data_directory = Path(tempfile.mkdtemp(prefix="switchboard-test-pg-"))
+        embedded, server_url = start_postgres(data_directory, "postgres")
     admin_url = make_url(normalise_database_url(server_url))
     name = f"switchboard_test_{uuid.uuid4().hex[:10]}"
     admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -62,6 +67,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     admin.dispose()
     if embedded is not None:
         embedded.cleanup()
+        shutil.rmtree(data_directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -164,8 +170,11 @@ def app_factory(database_url: str, redis_url: str) -> Iterator[Callable[..., Fla
         if celery.conf.broker_url != settings.celery_broker_url:
             celery.conf.update(broker_url=settings.celery_broker_url, **broker_options(settings))
             celery._pool = None  # its producer connections are to the other broker
+        # Likewise beat's schedule, which init_celery built from the last app's policy.
+        celery.conf.beat_schedule = beat_schedule(flask_app.extensions["switchboard.policy"])
         return flask_app
 
+    make.built = built  # type: ignore[attr-defined]
     yield make
     for flask_app in built.values():
         flask_app.extensions["switchboard.db"].dispose()

@@ -23,6 +23,12 @@ def exported(name: str) -> bool:
         "switchboard_queue_depth",
         "switchboard_sends_queued",
         "switchboard_sends_queued_oldest_age_seconds",
+        "switchboard_job_period_seconds",
+        "switchboard_job_last_success_timestamp_seconds",
+        "switchboard_job_last_rows",
+        "switchboard_job_last_duration_seconds",
+        "switchboard_reports_pending",
+        "switchboard_reports_pending_oldest_age_seconds",
     }
     return any(name.removesuffix(suffix) in families for suffix in (*SUFFIXES, ""))
 

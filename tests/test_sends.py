@@ -309,7 +309,7 @@ def test_two_live_beats_run_each_slot_once(database_url, redis_url, tmp_path: Pa
             body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
             counts: dict[str, float] = {}
             for line in body.decode().splitlines():
-                if line.startswith('switchboard_job_runs_total{job="redispatch-sends"'):
+                if line.startswith('switchboard_job_runs_total{job_name="redispatch-sends"'):
                     outcome = line.split('outcome="')[1].split('"')[0]
                     counts[outcome] = float(line.split()[-1])
             return counts

@@ -205,9 +205,9 @@ def init_celery(flask_app: Flask, settings: Settings) -> Celery:
     # Transport-specific: Redis's visibility timeout, RabbitMQ's confirms and heartbeats.
     celery.conf.update(**broker_options(settings))
     patch_kombu_redis_restore()
-    from schedules import BEAT_SCHEDULE
+    from schedules import beat_schedule
 
-    celery.conf.beat_schedule = BEAT_SCHEDULE
+    celery.conf.beat_schedule = beat_schedule(flask_app.extensions["switchboard.policy"])
     celery.flask_app = flask_app  # type: ignore[attr-defined]
     flask_app.extensions["celery"] = celery
     # Importing registers the tasks with the app.

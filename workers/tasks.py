@@ -14,8 +14,9 @@ from flask import current_app
 from sqlalchemy.orm import Session
 
 from app.policy import Decision
+from app.services.broadcasts import fan_out_chunk, reject_broadcast
 from app.services.messages import reject_send, store_message
-from monitoring.metrics import SEND_ENQUEUE_FAILURES
+from monitoring.metrics import BROADCAST_ENQUEUE_FAILURES, SEND_ENQUEUE_FAILURES
 from schedules import RUN_JOB_TASK
 from schedules.runner import run_job
 from workers.celery_app import BROKER_ERRORS, SwitchboardTask, celery
@@ -60,6 +61,48 @@ def enqueue_send(message_id: uuid.UUID) -> None:
         log.warning("could not enqueue send %s, the sweeper will: %r", message_id, exc)
 
 
+INTERNAL_BROADCAST_FAILURE = Decision(
+    False, "internal_error", "The broadcast could not be delivered because of a server error."
+)
+
+
+class BroadcastTask(SwitchboardTask):
+    abstract = True
+
+    def on_permanent_failure(self, session: Session, args: tuple, kwargs: dict) -> None:
+        """A fan-out that can never finish ends rejected (whoever it reached keeps it)."""
+        broadcast_id = kwargs.get("broadcast_id", args[0] if args else None)
+        try:
+            uuid.UUID(str(broadcast_id))
+        except ValueError:
+            log.error("fan_out failed for a malformed id %r: nothing to reject", broadcast_id)
+            return
+        reject_broadcast(session, broadcast_id, INTERNAL_BROADCAST_FAILURE)
+
+
+@celery.task(bind=True, base=BroadcastTask, name="switchboard.broadcast.fan_out")
+def fan_out_broadcast(task, broadcast_id: str) -> str:
+    """Deliver the next chunk of a queued broadcast and enqueue the one after; safe to
+    run any number of times (see app.services.broadcasts)."""
+    return fan_out_chunk(
+        task.session,
+        current_app.extensions["switchboard.policy"],
+        broadcast_id,
+        enqueue=enqueue_broadcast,
+    ).outcome
+
+
+def enqueue_broadcast(broadcast_id: uuid.UUID) -> None:
+    """Hand a committed broadcast (or its next chunk) to the broadcast workers. If the
+    broker cannot take it, the broadcast stays `queued` in PostgreSQL and the redispatch
+    job enqueues it again, so the failure is counted, not raised."""
+    try:
+        fan_out_broadcast.apply_async(args=[str(broadcast_id)])
+    except BROKER_ERRORS as exc:
+        BROADCAST_ENQUEUE_FAILURES.inc()
+        log.warning("could not enqueue broadcast %s, the sweeper will: %r", broadcast_id, exc)
+
+
 @celery.task(bind=True, name=RUN_JOB_TASK)
 def run_periodic_job(task, name: str) -> int:
     """One run of a periodic job (see schedules.runner for why two beats are harmless)."""
@@ -68,5 +111,6 @@ def run_periodic_job(task, name: str) -> int:
         current_app.extensions["switchboard.policy"],
         name,
         enqueue_send=enqueue_send,
+        enqueue_broadcast=enqueue_broadcast,
     )
     return run.rows

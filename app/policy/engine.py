@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
-from app.policy.schema import ALL_AUDIENCE, BroadcastRule, PolicyModel
+from app.policy.schema import ALL_AUDIENCE, REPORT_REASONS, BroadcastRule, PolicyModel
 
 # Rollout buckets: 10,000 of them gives 0.01 % steps, finer than anyone sets a rollout.
 _ROLLOUT_BUCKETS = 10_000
@@ -79,9 +79,11 @@ class Policy:
         "moderator_roles",
         "name",
         "purge_after_days",
+        "purge_daily_at",
         "rate_limit_burst",
         "rate_limit_per_second",
         "roles",
+        "soft_delete_daily_at",
         "source",
         "subject_required",
         "subject_types",
@@ -104,6 +106,9 @@ class Policy:
     rate_limit_burst: int
     downgrade_grace_days: int
     purge_after_days: int
+    # UTC "HH:MM" of the daily retention jobs; None: they run every hour.
+    soft_delete_daily_at: str | None
+    purge_daily_at: str | None
     _start: Mapping[tuple[str, str], frozenset[str]]
     _reply_roles: frozenset[str]
     _retention: Mapping[str, int]
@@ -132,6 +137,8 @@ class Policy:
         init(self, "rate_limit_burst", model.rate_limit.burst)
         init(self, "downgrade_grace_days", model.retention.downgrade_grace_days)
         init(self, "purge_after_days", model.retention.purge_after_days)
+        init(self, "soft_delete_daily_at", model.retention.soft_delete_at)
+        init(self, "purge_daily_at", model.retention.purge_at)
 
         # Precompute the start matrix per (role, tier) so a check is one dict lookup.
         start: dict[tuple[str, str], set[str]] = {
@@ -244,6 +251,10 @@ class Policy:
 
     def may_moderate(self, actor: Actor) -> bool:
         return actor.role in self.moderator_roles
+
+    def report_reasons(self) -> tuple[str, ...]:
+        """The reasons a report may give: the built-in ones, then the policy's extras."""
+        return REPORT_REASONS + tuple(self.model.moderation.extra_reasons)
 
     # ------------------------------------------------------------------ message shape
 

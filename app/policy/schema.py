@@ -9,6 +9,7 @@ messages of the form ``<key path>: <reason>`` so an operator can find the wrong 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal
 
@@ -62,10 +63,33 @@ class ConversationsSection(_Section):
     subject_required: bool = False
 
 
+_UTC_TIME_OF_DAY = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+
+
+def _utc_time_of_day(value: Any) -> Any:
+    """Accept "HH:MM" or a TOML local time on a whole minute, as "HH:MM"; refuse anything
+    else with a reason showing the expected form (the error's path names the key)."""
+    if isinstance(value, dt.time):
+        if value.second or value.microsecond or value.tzinfo is not None:
+            raise ValueError('must be a whole minute in UTC, like "01:00"')
+        return value.strftime("%H:%M")
+    if not isinstance(value, str) or not _UTC_TIME_OF_DAY.match(value):
+        raise ValueError(f'must be a UTC time of day "HH:MM", like "01:00" (got {value!r})')
+    return value
+
+
 class RetentionSection(_Section):
     days: dict[Name, Annotated[int, Field(gt=0, le=36_500)]]
     downgrade_grace_days: int = Field(default=0, ge=0, le=3_650)
     purge_after_days: int = Field(default=0, ge=0, le=3_650)
+    # When the daily soft delete and purge jobs run (UTC). Left out: every hour.
+    soft_delete_at: str | None = None
+    purge_at: str | None = None
+
+    @field_validator("soft_delete_at", "purge_at", mode="before")
+    @classmethod
+    def _time_of_day(cls, value: Any) -> Any:
+        return None if value is None else _utc_time_of_day(value)
 
 
 class BroadcastRule(_Section):
@@ -90,6 +114,16 @@ class BroadcastsSection(_Section):
                 raise ValueError('must be a whole minute in UTC, like "02:00"')
             return value.strftime("%H:%M")
         return value
+
+
+#: Report reasons every policy accepts; `[moderation] extra_reasons` adds to them.
+REPORT_REASONS: tuple[str, ...] = ("spam", "harassment", "inappropriate", "scam", "other")
+
+
+class ModerationSection(_Section):
+    # Extra reasons a report may give (a card show's "counterfeit"); names, because they
+    # become metric labels and API values.
+    extra_reasons: list[Name] = Field(default_factory=list, max_length=50)
 
 
 class RateLimitSection(_Section):
@@ -120,6 +154,7 @@ class PolicyModel(_Section):
     conversations: ConversationsSection = Field(default_factory=ConversationsSection)
     retention: RetentionSection
     broadcasts: BroadcastsSection = Field(default_factory=BroadcastsSection)
+    moderation: ModerationSection = Field(default_factory=ModerationSection)
     rate_limit: RateLimitSection = Field(default_factory=RateLimitSection)
     rollout: RolloutSection = Field(default_factory=RolloutSection)
 
@@ -242,6 +277,12 @@ def cross_check(model: PolicyModel) -> list[str]:
             problems.append(f"{base}.quota: required when period is 'day'")
         if rule.period == "none" and rule.quota is not None:
             problems.append(f"{base}.quota: must be left out when period is 'none' (no quota)")
+
+    for reason in model.moderation.extra_reasons:
+        if reason in REPORT_REASONS:
+            problems.append(f"moderation.extra_reasons: {reason!r} is already a built-in reason")
+    for dupe in _duplicates(model.moderation.extra_reasons):
+        problems.append(f"moderation.extra_reasons: {dupe!r} listed twice")
 
     if model.rollout.mode == "percent" and model.rollout.percent is None:
         problems.append("rollout.percent: required when mode is 'percent'")

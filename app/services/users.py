@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
@@ -12,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.models import AuditLog, Tenant, User
 from app.policy import Policy
 from app.problems import BadRequest, Conflict
+from app.services.retention import apply_tier_change
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,13 +25,19 @@ class UserUpsert:
     tier: str | None = None
 
 
-def upsert_user(session: Session, policy: Policy, data: UserUpsert) -> tuple[User, bool]:
+def upsert_user(
+    session: Session, policy: Policy, data: UserUpsert, *, now: datetime | None = None
+) -> tuple[User, bool]:
     """Create or update a user; returns the user and whether it was created.
 
     The role and tier must be the policy's; the tier defaults to the policy's
     default for a new user and stays as it is for an existing one. A user never
     moves between tenants: that would carry their conversations across the
     boundary, so it is a conflict.
+
+    A tier change at `now` (default: the current time) moves the expiries of the user's
+    messages in the same transaction (`retention.apply_tier_change`): a downgrade takes
+    effect after the policy's grace, an upgrade at once.
     """
     if data.role not in policy.roles:
         raise BadRequest(
@@ -44,6 +52,7 @@ def upsert_user(session: Session, policy: Policy, data: UserUpsert) -> tuple[Use
             code="unknown_tier",
         )
 
+    now = now or datetime.now(UTC)
     session.execute(insert(Tenant).values(id=data.tenant_id).on_conflict_do_nothing())
     created = (
         session.execute(
@@ -61,6 +70,19 @@ def upsert_user(session: Session, policy: Policy, data: UserUpsert) -> tuple[Use
         is not None
     )
 
+    # A tier change moves the user's message expiries BEFORE the user's row is locked:
+    # deleting a message locks it and then its participants' rows (for their events), so
+    # locking the user first and their messages second could deadlock with a delete.
+    moved_for: str | None = None
+    moved = 0
+    if not created and data.tier is not None:
+        current = session.execute(
+            select(User.tier, User.tenant_id).where(User.id == data.user_id)
+        ).one()
+        if current.tier != data.tier and current.tenant_id == data.tenant_id:
+            moved = apply_tier_change(session, policy, data.user_id, data.tier, now)
+            moved_for = data.tier
+
     user = session.execute(
         select(User).where(User.id == data.user_id).with_for_update()
     ).scalar_one()
@@ -70,7 +92,7 @@ def upsert_user(session: Session, policy: Policy, data: UserUpsert) -> tuple[Use
             code="tenant_mismatch",
         )
 
-    changes: dict[str, list[str]] = {}
+    changes: dict[str, Any] = {}
     if created:
         changes = {"role": ["", user.role], "tier": ["", user.tier]}
     else:
@@ -79,9 +101,14 @@ def upsert_user(session: Session, policy: Policy, data: UserUpsert) -> tuple[Use
             user.role = data.role
         if data.tier is not None and user.tier != data.tier:
             changes["tier"] = [user.tier, data.tier]
+            if moved_for != data.tier:
+                # Another PUT changed the tier between our read and our lock (rare): move
+                # the expiries now, under the lock, for the tier we are setting.
+                moved = apply_tier_change(session, policy, user.id, data.tier, now)
+            changes["messages_expiry_moved"] = moved
             user.previous_tier = user.tier
             user.tier = data.tier
-            user.tier_changed_at = datetime.now(UTC)
+            user.tier_changed_at = now
         if user.display_name != data.display_name:
             user.display_name = data.display_name
     if changes:

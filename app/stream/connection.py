@@ -168,15 +168,35 @@ class StreamConnection:
             self._replay(up_to=seq - 1)
             if seq <= self.last_seq:
                 return
-        self._write_event(seq, announcement["type"], announcement["data"], live=True)
+        self._write_event(
+            seq,
+            announcement["type"],
+            announcement["data"],
+            live=True,
+            encoded_data=announcement.get("encoded"),
+        )
 
     def _replay(self, up_to: int | None) -> None:
         for event in self._log.after(self.user_id, self.last_seq, up_to):
             EVENTS_REPLAYED.inc()
             self._write_event(event.seq, event.type, event.data, live=False)
 
-    def _write_event(self, seq: int, type_: str, data: dict[str, Any], *, live: bool) -> None:
-        self._write({"id": seq, "type": type_, "data": data})
+    def _write_event(
+        self,
+        seq: int,
+        type_: str,
+        data: dict[str, Any],
+        *,
+        live: bool,
+        encoded_data: str | None = None,
+    ) -> None:
+        if encoded_data is not None:
+            # A batch's data, encoded once by the hub for every socket it reaches: the
+            # same frame json.dumps would write, without encoding the body 5,000 times.
+            self.ws.send(f'{{"id":{int(seq)},"type":{json.dumps(type_)},"data":{encoded_data}}}')
+            EVENTS_DELIVERED.labels(type_).inc()
+        else:
+            self._write({"id": seq, "type": type_, "data": data})
         self.last_seq = seq
         if live and type_ == "message.created" and data.get("accepted_at"):
             try:

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
@@ -75,6 +75,33 @@ class Hub:
         )
         for connection in sockets:
             connection.offer(announcement)
+
+    def dispatch_batch(self, announcement: dict[str, Any]) -> int:
+        """A batch announcement (`{type, data, recipients: [[user_id, seq], ...]}`, one per
+        broadcast chunk): hand each local recipient their own event. The data is encoded
+        once for the whole batch rather than once per socket. Returns the sockets offered."""
+        recipients = announcement.get("recipients")
+        type_, data = announcement.get("type"), announcement.get("data")
+        if not isinstance(recipients, list) or not isinstance(type_, str):
+            log.warning("ignoring a malformed batch announcement")
+            return 0
+        with self._lock:
+            local = [
+                (user_id, seq, tuple(self._connections.get(user_id, ())))
+                for user_id, seq in _pairs(recipients)
+                if user_id in self._connections
+            ]
+        if not local:
+            return 0
+        encoded = json.dumps(data, separators=(",", ":"), default=str)
+        offered = 0
+        for user_id, seq, sockets in local:
+            item = {"user_id": user_id, "id": seq, "type": type_, "data": data, "encoded": encoded}
+            for connection in sockets:
+                connection.offer(item)
+                offered += 1
+        log.debug("batch %s for %d users: %d local sockets", type_, len(recipients), offered)
+        return offered
 
     def _catch_up_everyone(self) -> None:
         with self._lock:
@@ -138,4 +165,19 @@ class Hub:
             log.warning("ignoring a malformed announcement on %s", self._channel)
             return
         if isinstance(announcement, dict):
-            self.dispatch(announcement)
+            if "recipients" in announcement:
+                self.dispatch_batch(announcement)
+            else:
+                self.dispatch(announcement)
+
+
+def _pairs(recipients: list[Any]) -> Iterator[tuple[str, int]]:
+    """(user id, seq) pairs of a batch, skipping any that are not that shape."""
+    for pair in recipients:
+        if (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], int)
+        ):
+            yield pair[0], pair[1]
