@@ -28,6 +28,7 @@ from flask.cli import FlaskGroup, with_appcontext
 
 from app.policy import PolicyError, load_policy
 from app.settings import SettingsError, load_settings, normalise_database_url
+from schedules.cli import jobs
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -412,13 +413,7 @@ def _print_welcome(env: dict[str, str], demo_tokens: dict[str, str], state_dir: 
     click.echo("\n".join(lines) + "\n")
 
 
-def _add_job_commands() -> None:
-    from schedules.cli import jobs
-
-    cli.add_command(jobs)
-
-
-_add_job_commands()
+cli.add_command(jobs)
 
 
 def main() -> None:

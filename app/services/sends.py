@@ -117,7 +117,8 @@ def accept_send(
     if inserted is None:
         # A concurrent request with the same client id got there first.
         repeat = earlier_send()
-        assert repeat is not None, "a conflicting row must be visible after the insert"
+        if repeat is None:  # READ COMMITTED shows the committed row that conflicted
+            raise RuntimeError(f"send {message_id} conflicted with a row it cannot see")
         return repeat
     after_commit(session, lambda: enqueue(message_id))
     return AcceptedSend(message_id, "queued")
