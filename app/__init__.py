@@ -24,6 +24,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.errors import register_error_handlers
     from app.events import PUBLISHER_KEY, RedisPublisher
     from app.policy import load_policy
+    from app.ratelimit import UserRateLimiter
     from app.services.moderation import pending_reports_summary
     from app.services.sends import oldest_queued_age_seconds
     from app.stream.hub import Hub
@@ -67,6 +68,11 @@ def create_app(settings: Settings | None = None) -> Flask:
             "switchboard.policy": policy,
             "switchboard.db": database,
             "switchboard.redis": redis_client,
+            "switchboard.ratelimiter": UserRateLimiter(
+                redis_client, policy.rate_limit_per_second, policy.rate_limit_burst
+            )
+            if settings.rate_limits_enabled
+            else None,
             "switchboard.tokens": TokenVerifier(settings),
             "switchboard.hub": Hub(settings.redis_url),
             # Half the pool at most for the stream's reads; the API keeps the rest.

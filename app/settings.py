@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -121,6 +122,17 @@ class Settings(BaseModel):
         min_length=MIN_METRICS_TOKEN_LENGTH,
         validation_alias=_env("SWITCHBOARD_METRICS_TOKEN"),
     )
+    # Exact browser origins allowed to call the API; empty: no CORS headers at all.
+    cors_origins: tuple[str, ...] = Field(
+        default=(), validation_alias=_env("SWITCHBOARD_CORS_ORIGINS")
+    )
+    # Strict-Transport-Security on every response: only behind TLS.
+    hsts: bool = Field(default=False, validation_alias=_env("SWITCHBOARD_HSTS"))
+    # The policy's per-user rate limits; off for load tests and the test suite, whose
+    # single users send faster than a person would.
+    rate_limits_enabled: bool = Field(
+        default=True, validation_alias=_env("SWITCHBOARD_RATE_LIMITS_ENABLED")
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -143,6 +155,18 @@ class Settings(BaseModel):
                 "(amqp://, amqps://, pyamqp://) URL"
             )
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_cors_origins(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return tuple(check_origin(item.strip()) for item in value.split(",") if item.strip())
+
+    @field_validator("hsts", mode="before")
+    @classmethod
+    def _empty_hsts_is_off(cls, value: object) -> object:
+        return False if value == "" else value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -191,6 +215,24 @@ class Settings(BaseModel):
     @property
     def jwt_verification_key(self) -> str:
         return self.jwt_secret if self.jwt_algorithm in HMAC_ALGORITHMS else self.jwt_public_key  # type: ignore[return-value]
+
+
+def check_origin(origin: str) -> str:
+    """An exact origin, `scheme://host[:port]` (no wildcard, path, query or credentials),
+    lower-cased as browsers send it in `Origin`."""
+    problem = f"{origin!r} is not an origin (http[s]://host[:port], no path, no wildcard)"
+    if "*" in origin:
+        raise ValueError(problem)
+    try:
+        parts = urlsplit(origin)
+        port = parts.port  # raises on a port that is not a number in range
+    except ValueError:
+        raise ValueError(problem) from None
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    plain = f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+    if parts.scheme not in ("http", "https") or not parts.hostname or origin.lower() != plain:
+        raise ValueError(problem)
+    return plain
 
 
 def normalise_database_url(value: str) -> str:

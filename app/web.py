@@ -16,7 +16,7 @@ from app.auth import TokenVerifier, load_user, parse_bearer
 from app.db import Database
 from app.input_checks import check_text, parse_untrusted_json
 from app.models import User
-from app.problems import BadRequest
+from app.problems import BadRequest, TooManyRequests
 from app.settings import Settings
 from monitoring.logging import request_id_var
 from monitoring.metrics import HTTP_LATENCY, HTTP_REQUESTS
@@ -101,7 +101,85 @@ def _teardown_request(_exc: BaseException | None) -> None:
         request_id_var.reset(token)
 
 
+# Blueprints outside the per-user limit: probes and metrics carry no user; admin routes are
+# the deployment's own backend with the service token; the stream limits its connect itself.
+RATE_LIMIT_EXEMPT_BLUEPRINTS = frozenset({"health", "admin", "stream"})
+CORS_METHODS = "GET, POST, PUT, PATCH, DELETE"
+CORS_HEADERS = "Authorization, Content-Type, X-Request-ID"
+CORS_EXPOSED = "Retry-After, X-Request-ID"
+CORS_MAX_AGE = "600"
+HSTS = "max-age=63072000; includeSubDomains"
+
+
+def _is_api(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def _allowed_origin() -> str | None:
+    origin = request.headers.get("Origin")
+    if origin and _is_api(request.path) and origin in settings().cors_origins:
+        return origin
+    return None
+
+
+def _answer_preflight() -> Response | None:
+    """A CORS preflight to the API: 204, with the CORS headers only for an allowed origin
+    (without them the browser refuses the real request)."""
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        return None
+    if not _is_api(request.path):
+        return None
+    response = current_app.make_response(("", 204))
+    if _allowed_origin():
+        response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+        response.headers["Access-Control-Max-Age"] = CORS_MAX_AGE
+    return response
+
+
+def _enforce_rate_limit() -> None:
+    """The user's per-user limit, once authenticated; a 429 before the handler runs,
+    so nothing is written. A request with no valid token gets its 401 here."""
+    if request.method == "OPTIONS" or request.url_rule is None or not _is_api(request.path):
+        return
+    if request.blueprint in RATE_LIMIT_EXEMPT_BLUEPRINTS:
+        return
+    user = current_user()
+    limiter = current_app.extensions["switchboard.ratelimiter"]
+    if limiter is None:
+        return
+    verdict = limiter.hit(user.tenant_id, user.id, "api")
+    if not verdict.allowed:
+        raise TooManyRequests(
+            f"Too many requests; retry in {verdict.retry_after} s.",
+            headers={"Retry-After": str(verdict.retry_after)},
+        )
+
+
+def _cors_and_security_headers(response: Response) -> Response:
+    headers = response.headers
+    origin = _allowed_origin()
+    if origin:
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+    if settings().cors_origins and _is_api(request.path):
+        headers.add("Vary", "Origin")
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("X-Frame-Options", "DENY")
+    # The app serves JSON (and /metrics text), never a page: nothing may load or frame it.
+    headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+    if settings().hsts:
+        headers.setdefault("Strict-Transport-Security", HSTS)
+    if "Authorization" in request.headers:
+        headers["Cache-Control"] = "no-store"
+    return response
+
+
 def install_request_hooks(app: Flask) -> None:
     app.before_request(_start_request)
+    app.before_request(_answer_preflight)
+    app.before_request(_enforce_rate_limit)
     app.after_request(_finish_request)
+    app.after_request(_cors_and_security_headers)
     app.teardown_request(_teardown_request)

@@ -1199,6 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
         "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
         "SWITCHBOARD_POLICY": "bookstore",
         "SWITCHBOARD_LOG_LEVEL": "WARNING",
+        "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
     }
     env = {
         key: value

@@ -207,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
                 "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
                 "SWITCHBOARD_POLICY": "cardshow",
                 "SWITCHBOARD_LOG_LEVEL": "WARNING",
+                "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
             }
         )
         env.pop("SWITCHBOARD_BROKER_URL", None)

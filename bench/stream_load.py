@@ -1493,6 +1493,7 @@ def run(args: argparse.Namespace) -> int:
             "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
             "SWITCHBOARD_POLICY": "bookstore",
             "SWITCHBOARD_LOG_LEVEL": "WARNING",
+            "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
         }
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")

@@ -38,6 +38,11 @@ HTTP_LATENCY = Histogram(
     ["method", "route"],
     buckets=LATENCY_BUCKETS,
 )
+RATE_LIMITED = Counter(
+    "switchboard_rate_limited_total",
+    "Requests refused by the per-user rate limit (429, or a stream connect closed), by surface.",
+    ["surface"],
+)
 TASKS = Counter(
     "switchboard_tasks_total",
     "Celery task runs by outcome: succeeded, retried, failed (permanent or out of retries).",

@@ -145,6 +145,7 @@ def settings_for(database_url: str, redis_url: str, **overrides: str) -> Setting
         "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
         "SWITCHBOARD_POLICY": "bookstore",
         "SWITCHBOARD_LOG_LEVEL": "WARNING",
+        "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
     }
     if _broker_url:
         environ["SWITCHBOARD_BROKER_URL"] = _broker_url

@@ -301,6 +301,7 @@ def live_env(database_url: str, redis_url: str) -> dict[str, str]:
         "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
         "SWITCHBOARD_POLICY": "bookstore",
         "SWITCHBOARD_LOG_LEVEL": os.environ.get("TEST_LIVE_LOG_LEVEL", "WARNING"),
+        "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
     }
 
 

@@ -49,3 +49,9 @@ def test_alert_rules_name_real_metrics():
     assert names
     missing = {name for name in names if not exported(name)}
     assert not missing, missing
+
+
+def test_a_rate_limit_spike_alerts():
+    alerts = (MONITORING / "alerts.yml").read_text()
+    assert "SwitchboardRateLimitSpike" in alerts
+    assert "switchboard_rate_limited_total" in alerts

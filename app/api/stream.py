@@ -160,6 +160,12 @@ def serve_stream(ws: Any) -> None:
     except ApiError as exc:
         _close(ws, CLOSE_UNAUTHORIZED, f"{exc.code}: {exc.message}")
         return
+    limiter = app.extensions["switchboard.ratelimiter"]
+    verdict = limiter.hit(tenant_id, user_id, "stream") if limiter else None
+    if verdict is not None and not verdict.allowed:
+        # After the handshake there is no 429: "try again later" with the wait in the reason.
+        _close(ws, CLOSE_TRY_AGAIN_LATER, f"rate_limited: retry in {verdict.retry_after} s")
+        return
 
     last_event_id: int | None = None
     raw_last = request.args.get("last_event_id")
