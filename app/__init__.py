@@ -33,10 +33,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     from monitoring.logging import configure_logging
     from monitoring.metrics import (
         JobStateCollector,
-        PendingReportsCollector,
         QueueDepthCollector,
-        QueuedSendsCollector,
         build_registry,
+        pending_reports_collector,
+        queued_sends_collector,
     )
     from schedules.runner import job_statuses
     from workers.celery_app import QUEUES, init_celery
@@ -103,8 +103,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["switchboard.metrics_registry"] = build_registry(
         [
             QueueDepthCollector(queue_depths),
-            QueuedSendsCollector(queued_sends),
-            PendingReportsCollector(pending_reports),
+            queued_sends_collector(queued_sends),
+            pending_reports_collector(pending_reports),
             JobStateCollector(jobs_status),
         ]
     )

@@ -186,37 +186,15 @@ class QueueDepthCollector(Collector):
         yield family
 
 
-class QueuedSendsCollector(Collector):
-    """Reads, when Prometheus scrapes, how many accepted sends wait for a worker and how
-    long the oldest has waited: the figure that says workers are not keeping up (or not
-    consuming at all), whatever the broker."""
+class BacklogCollector(Collector):
+    """Reads, when Prometheus scrapes, how many items of a backlog wait and how long the
+    oldest has waited. For accepted sends (`switchboard_sends_queued`): the figure that
+    says workers are not keeping up, or not consuming at all, whatever the broker. For
+    reports (`switchboard_reports_pending`, every tenant together: a per-tenant gauge
+    would be one series per tenant): the moderation backlog."""
 
-    def __init__(self, read: Callable[[], tuple[int, float]]) -> None:
-        self._read = read
-
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        try:
-            count, oldest_age = self._read()
-        except (SQLAlchemyError, OSError):
-            # The database is down: readiness and the database's own alerts say so.
-            return
-        yield GaugeMetricFamily(
-            "switchboard_sends_queued", "Accepted sends not yet stored or rejected.", value=count
-        )
-        yield GaugeMetricFamily(
-            "switchboard_sends_queued_oldest_age_seconds",
-            "Seconds the oldest accepted, undecided send has waited (0 when none wait).",
-            value=oldest_age,
-        )
-
-
-class PendingReportsCollector(Collector):
-    """Reads, when Prometheus scrapes, how many reports await a moderator (every tenant
-    together: a per-tenant gauge would be one series per tenant) and how long the oldest
-    has waited: the moderation backlog, and how far behind it is."""
-
-    def __init__(self, read: Callable[[], tuple[int, float]]) -> None:
-        self._read = read
+    def __init__(self, name: str, what: str, read: Callable[[], tuple[int, float]]) -> None:
+        self._name, self._what, self._read = name, what, read
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         try:
@@ -224,14 +202,24 @@ class PendingReportsCollector(Collector):
         except (SQLAlchemyError, OSError):
             # The database is down: readiness and the database's own alerts say so.
             return
+        yield GaugeMetricFamily(self._name, f"{self._what} waiting.", value=count)
         yield GaugeMetricFamily(
-            "switchboard_reports_pending", "Reports of messages awaiting a moderator.", value=count
-        )
-        yield GaugeMetricFamily(
-            "switchboard_reports_pending_oldest_age_seconds",
-            "Seconds the oldest pending report has waited (0 when none wait).",
+            f"{self._name}_oldest_age_seconds",
+            f"Seconds the oldest of the {self._what.lower()} has waited (0 when none wait).",
             value=oldest_age,
         )
+
+
+def queued_sends_collector(read: Callable[[], tuple[int, float]]) -> BacklogCollector:
+    return BacklogCollector(
+        "switchboard_sends_queued", "Accepted sends not yet stored or rejected", read
+    )
+
+
+def pending_reports_collector(read: Callable[[], tuple[int, float]]) -> BacklogCollector:
+    return BacklogCollector(
+        "switchboard_reports_pending", "Reports of messages awaiting a moderator", read
+    )
 
 
 class JobStateCollector(Collector):

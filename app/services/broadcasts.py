@@ -43,14 +43,7 @@ from app.problems import BadRequest, Conflict, NotFound
 from app.services.access import actor, parse_uuid
 from app.services.messages import body_digest
 from app.services.pagination import decode_cursor, encode_cursor
-from app.services.sends import (
-    FREE_RETRIES,
-    MAX_BACKOFF_DOUBLINGS,
-    MAX_DISPATCHES,
-    STALE_AFTER,
-    SWEEP_BATCH,
-    refusal,
-)
+from app.services.sends import MAX_DISPATCHES, STALE_AFTER, claim_stale, refusal
 from monitoring.metrics import (
     BROADCAST_CHUNK_DURATION,
     BROADCAST_RECIPIENTS,
@@ -355,27 +348,6 @@ def reject_broadcast(session: Session, broadcast_id: str | uuid.UUID, decision: 
     return True
 
 
-# Stale queued broadcasts: no chunk progress (or re-enqueue) for a while. SKIP LOCKED
-# passes over one whose chunk is being written right now, and over another sweeper's.
-_CLAIM_STALE = text(
-    """
-    UPDATE broadcasts AS b
-    SET dispatched_at = clock_timestamp(), dispatch_count = b.dispatch_count + 1
-    FROM (
-        SELECT id FROM broadcasts
-        WHERE status = 'queued'
-          AND COALESCE(dispatched_at, created_at) < clock_timestamp()
-              - make_interval(secs => :stale_seconds
-                  * power(2, GREATEST(0, LEAST(dispatch_count - :free_retries, :doublings))))
-        ORDER BY created_at
-        LIMIT :batch
-        FOR UPDATE SKIP LOCKED
-    ) AS stale
-    WHERE b.id = stale.id
-    RETURNING b.id, b.dispatch_count
-    """
-)
-
 DELIVERY_FAILED = Decision(False, "delivery_failed", "The broadcast could not be delivered.")
 
 
@@ -385,15 +357,8 @@ def redispatch_stale_broadcasts(
     """Enqueue again (after commit) every queued broadcast whose fan-out has made no
     progress in time (a lost task, a killed worker); reject those tried MAX_DISPATCHES
     times. The same pacing as sends. Returns how many it touched."""
-    claimed = session.execute(
-        _CLAIM_STALE,
-        {
-            "stale_seconds": stale_after.total_seconds(),
-            "doublings": MAX_BACKOFF_DOUBLINGS,
-            "free_retries": FREE_RETRIES,
-            "batch": SWEEP_BATCH,
-        },
-    ).all()
+    # No chunk progress (or re-enqueue) for a while: a lost task or a killed worker.
+    claimed = claim_stale(session, "broadcasts", stale_after)
     retry = []
     for broadcast_id, dispatch_count in claimed:
         if dispatch_count > MAX_DISPATCHES:

@@ -124,15 +124,15 @@ def accept_send(
     return AcceptedSend(message_id, "queued")
 
 
-# Claims stale queued sends and counts the attempt in one statement. SKIP LOCKED passes
-# over a send a worker is storing right now (it holds the row), and over rows another
-# sweeper claimed, so two sweepers never enqueue the same send twice.
-_CLAIM_STALE = text(
-    """
-    UPDATE messages AS m
-    SET dispatched_at = clock_timestamp(), dispatch_count = m.dispatch_count + 1
+# Claims stale queued rows of an outbox table (`messages`, `broadcasts`: both have status,
+# created_at, dispatched_at and dispatch_count) and counts the attempt, in one statement.
+# SKIP LOCKED passes over a row a worker is deciding right now (it holds the row), and
+# over rows another sweeper claimed, so two sweepers never enqueue the same row twice.
+_CLAIM_STALE = """
+    UPDATE {table} AS t
+    SET dispatched_at = clock_timestamp(), dispatch_count = t.dispatch_count + 1
     FROM (
-        SELECT id FROM messages
+        SELECT id FROM {table}
         WHERE status = 'queued'
           AND COALESCE(dispatched_at, created_at) < clock_timestamp()
               - make_interval(secs => :stale_seconds
@@ -141,19 +141,21 @@ _CLAIM_STALE = text(
         LIMIT :batch
         FOR UPDATE SKIP LOCKED
     ) AS stale
-    WHERE m.id = stale.id
-    RETURNING m.id, m.dispatch_count
-    """
-)
+    WHERE t.id = stale.id
+    RETURNING t.id, t.dispatch_count
+"""
+_CLAIM_STALE_BY_TABLE = {
+    table: text(_CLAIM_STALE.format(table=table)) for table in ("messages", "broadcasts")
+}
 
 
-def redispatch_stale_sends(
-    session: Session, enqueue: Callable[[uuid.UUID], None], *, stale_after: timedelta = STALE_AFTER
-) -> int:
-    """Enqueue again (after commit) every accepted send no worker has decided in time;
-    reject those that have been tried `MAX_DISPATCHES` times. Returns how many it touched."""
-    claimed = session.execute(
-        _CLAIM_STALE,
+def claim_stale(
+    session: Session, table: str, stale_after: timedelta
+) -> list[tuple[uuid.UUID, int]]:
+    """Queued rows of outbox `table` no worker decided in time, with how often each has
+    now been dispatched; the caller enqueues them again or gives up on them."""
+    rows = session.execute(
+        _CLAIM_STALE_BY_TABLE[table],
         {
             "stale_seconds": stale_after.total_seconds(),
             "doublings": MAX_BACKOFF_DOUBLINGS,
@@ -161,6 +163,15 @@ def redispatch_stale_sends(
             "batch": SWEEP_BATCH,
         },
     ).all()
+    return [(row[0], row[1]) for row in rows]
+
+
+def redispatch_stale_sends(
+    session: Session, enqueue: Callable[[uuid.UUID], None], *, stale_after: timedelta = STALE_AFTER
+) -> int:
+    """Enqueue again (after commit) every accepted send no worker has decided in time;
+    reject those that have been tried `MAX_DISPATCHES` times. Returns how many it touched."""
+    claimed = claim_stale(session, "messages", stale_after)
     retry = []
     for message_id, dispatch_count in claimed:
         if dispatch_count > MAX_DISPATCHES:
