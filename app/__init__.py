@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from flask import Flask
 
-from app.settings import Settings, load_settings
+from app.settings import Settings, SettingsError, load_settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -25,8 +27,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.events import PUBLISHER_KEY, RedisPublisher
     from app.policy import load_policy
     from app.ratelimit import UserRateLimiter
+    from app.services.attachments import OBJECT_REMOVER_KEY, sign_event_data
     from app.services.moderation import pending_reports_summary
     from app.services.sends import oldest_queued_age_seconds
+    from app.storage import ObjectStore
     from app.stream.hub import Hub
     from app.stream.log import EventLog
     from app.web import install_request_hooks
@@ -40,10 +44,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     from schedules.runner import job_statuses
     from workers.celery_app import QUEUES, init_celery
+    from workers.tasks import enqueue_attachment_deletion
 
     settings = settings or load_settings()
     configure_logging(settings.log_level)
     policy = load_policy(settings.policy)
+    if policy.attachments.enabled and not settings.s3_bucket:
+        raise SettingsError(
+            f"SWITCHBOARD_S3_BUCKET: is required: policy {policy.name!r} enables attachments"
+        )
+    store = ObjectStore(settings) if settings.s3_bucket else None
 
     app = Flask(__name__)
     app.json.sort_keys = False
@@ -60,7 +70,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.database_url,
         pool_size=settings.db_pool_size,
         pool_timeout=settings.db_pool_timeout,
-        info={PUBLISHER_KEY: RedisPublisher(redis_client)},
+        info={
+            PUBLISHER_KEY: RedisPublisher(redis_client),
+            OBJECT_REMOVER_KEY: enqueue_attachment_deletion,
+        },
     )
     app.extensions.update(
         {
@@ -68,6 +81,10 @@ def create_app(settings: Settings | None = None) -> Flask:
             "switchboard.policy": policy,
             "switchboard.db": database,
             "switchboard.redis": redis_client,
+            "switchboard.storage": store,
+            # What a socket is sent of an event's data: attachment URLs signed as it is
+            # written (one function for every socket; none where nothing is signed).
+            "switchboard.event_renderer": partial(sign_event_data, store) if store else None,
             "switchboard.ratelimiter": UserRateLimiter(
                 redis_client, policy.rate_limit_per_second, policy.rate_limit_burst
             )

@@ -36,7 +36,14 @@ STATE_DIR_VARIABLE = "SWITCHBOARD_STATE_DIR"
 DEFAULT_STATE_DIR = Path(".switchboard")
 ENV_FILE_NAME = "env"
 # What `up` saves besides every SWITCHBOARD_* variable: the rest of the settings' inputs.
-SAVED_VARIABLES = ("DATABASE_URL", "REDIS_URL", "PORT")
+SAVED_VARIABLES = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "PORT",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
+)
 
 
 def state_env_path() -> Path:
@@ -255,13 +262,14 @@ LOOPBACK_HOST = "127.0.0.1"
 def up(state_dir: Path, port: int | None, host: str) -> None:
     """Start the whole system: web, worker and beat, as the Procfile has them.
 
-    Without DATABASE_URL / REDIS_URL it starts an embedded PostgreSQL and Redis
-    under --state-dir; it generates the secrets it needs there too, applies the
-    migrations, provisions demo users and prints how to call the API. The settings
-    it runs with go to <state dir>/env for `switchboard token` and `switchboard db`.
+    Without DATABASE_URL / REDIS_URL / SWITCHBOARD_S3_BUCKET it starts an embedded
+    PostgreSQL, Redis and SeaweedFS (S3) under --state-dir; it generates the secrets
+    it needs there too, applies the migrations, provisions demo users and prints how
+    to call the API. The settings it runs with go to <state dir>/env for
+    `switchboard token` and `switchboard db`.
     """
     from app import create_app
-    from app.embedded import RedisServer, start_postgres
+    from app.embedded import RedisServer, new_access_key, new_secret_key, start_postgres
 
     env = dict(os.environ)
     env.setdefault("PORT", str(port or 8000))
@@ -288,18 +296,33 @@ def up(state_dir: Path, port: int | None, host: str) -> None:
     for name in ("SWITCHBOARD_SERVICE_TOKEN", "SWITCHBOARD_JWT_SECRET"):
         if not env.get(name):
             env[name] = generated.setdefault(name, secrets.token_urlsafe(32))
-    secrets_file.write_text(json.dumps(generated, indent=2))
-    secrets_file.chmod(0o600)
+    embedded_s3 = not env.get("SWITCHBOARD_S3_BUCKET")
+    if embedded_s3:
+        # The embedded store's identity, made once: its data outlives a restart.
+        seaweed_keys = generated.setdefault(
+            "embedded_s3", {"access_key": new_access_key(), "secret_key": new_secret_key()}
+        )
+    # Write-then-chmod would leave the file readable by others for a moment.
+    descriptor = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(json.dumps(generated, indent=2))
 
     # Refuse a bad variable or policy file before starting any server. The URLs of
     # servers not started yet stand in as placeholders; they are checked again below.
-    _check_configuration(
-        {
-            **env,
-            "DATABASE_URL": env.get("DATABASE_URL") or "postgresql://embedded/switchboard",
-            "REDIS_URL": env.get("REDIS_URL") or "redis://embedded:6379/0",
+    placeholders = {
+        "DATABASE_URL": env.get("DATABASE_URL") or "postgresql://embedded/switchboard",
+        "REDIS_URL": env.get("REDIS_URL") or "redis://embedded:6379/0",
+    }
+    if embedded_s3:
+        placeholders |= {
+            "SWITCHBOARD_S3_BUCKET": "switchboard",
+            "SWITCHBOARD_S3_ENDPOINT_URL": "http://127.0.0.1:8333",
+            "AWS_ACCESS_KEY_ID": "embedded",
+            "AWS_SECRET_ACCESS_KEY": "embedded",
+            "AWS_REGION": "us-east-1",
         }
-    )
+    _check_configuration({**env, **placeholders})
 
     stoppers = []
     try:
@@ -313,6 +336,14 @@ def up(state_dir: Path, port: int | None, host: str) -> None:
             env["REDIS_URL"] = redis_server.url
             click.echo(f"REDIS_URL not set: started embedded Redis at {redis_server.url}")
             stoppers.append(redis_server.stop)
+        if embedded_s3:
+            seaweed = _start_seaweed(state_dir / "s3", seaweed_keys)
+            stoppers.append(seaweed.stop)
+            env.update(seaweed.env())
+            click.echo(
+                "SWITCHBOARD_S3_BUCKET not set: started embedded SeaweedFS (S3) at "
+                f"{seaweed.endpoint_url}, bucket {seaweed.bucket}"
+            )
         _check_configuration(env)
         env_file = state_dir / ENV_FILE_NAME
         write_state_env(env_file, env)
@@ -354,6 +385,34 @@ def up(state_dir: Path, port: int | None, host: str) -> None:
     finally:
         for stop in reversed(stoppers):
             stop()
+
+
+def _start_seaweed(directory: Path, keys: Mapping[str, str]):
+    """The embedded S3 store of `up`, with the keys made once and the ports of its last
+    run where they are still free (saved in <directory>/ports.json)."""
+    from app.embedded import EmbeddedServerError, SeaweedServer, port_is_free
+
+    ports_file = directory / "ports.json"
+    try:
+        saved = json.loads(ports_file.read_text())
+    except (FileNotFoundError, ValueError):
+        saved = {}
+    server = SeaweedServer(
+        directory,
+        access_key=keys["access_key"],
+        secret_key=keys["secret_key"],
+        ports={
+            name: port
+            for name, port in saved.items()
+            if isinstance(port, int) and port_is_free(port)
+        },
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    ports_file.write_text(json.dumps(server.ports, indent=2))
+    try:
+        return server.start()
+    except EmbeddedServerError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _check_configuration(env: Mapping[str, str]) -> None:

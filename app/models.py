@@ -161,6 +161,8 @@ class Message(Base):
     deleted_at: Mapped[datetime | None]
     deleted_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"))
     delete_reason: Mapped[str | None] = mapped_column(String(64))
+    # How many attachments it carries: reads look them up only where this says so.
+    attachment_count: Mapped[int] = mapped_column(SmallInteger, server_default=text("0"))
 
     __table_args__ = (
         UniqueConstraint("sender_id", "client_id"),
@@ -370,3 +372,62 @@ class AuditLog(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
     __table_args__ = (Index("ix_audit_log_tenant_created", "tenant_id", text("created_at DESC")),)
+
+
+class Attachment(Base):
+    """An image a user uploads to the object store, then sends with one message.
+
+    pending (upload URL handed out), ready (the worker checked the bytes and made the
+    thumbnail), rejected (the check failed: `rejection_reason`), deleted (gone with its
+    message, or never sent: its objects are being deleted, then the row goes). The object
+    keys derive from the random id (see app/services/attachments.py): no user data in them.
+    """
+
+    __tablename__ = "attachments"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    uploader_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    # Set when a send claims it (each attachment goes with one message); a purged message
+    # leaves the row for the clean-up job, which deletes its objects first.
+    message_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="SET NULL")
+    )
+    filename: Mapped[str] = mapped_column(String(255))
+    declared_type: Mapped[str] = mapped_column(String(64))
+    declared_size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'pending'"))
+    rejection_reason: Mapped[str | None] = mapped_column(Text)
+    # What the worker found in the bytes.
+    content_type: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int | None] = mapped_column(Integer)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    thumbnail_type: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    checked_at: Mapped[datetime | None]
+    deleted_at: Mapped[datetime | None]
+    objects_deleted_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'ready', 'rejected', 'deleted')", name="status"),
+        Index(
+            "ix_attachments_message_id",
+            "message_id",
+            postgresql_where=text("message_id IS NOT NULL"),
+        ),
+        # The clean-up job: uploads never sent, and objects still to delete.
+        Index(
+            "ix_attachments_unsent",
+            "created_at",
+            postgresql_where=text("message_id IS NULL AND status IN ('pending', 'ready')"),
+        ),
+        Index(
+            "ix_attachments_objects_to_delete",
+            "created_at",
+            postgresql_where=text(
+                "status IN ('rejected', 'deleted') AND objects_deleted_at IS NULL"
+            ),
+        ),
+        Index("ix_attachments_uploader_created", "uploader_id", "created_at"),
+    )

@@ -47,6 +47,14 @@ def _check_broker(url: str) -> str:
     return "ok"
 
 
+def _check_storage(app: Flask) -> str:
+    try:
+        app.extensions["switchboard.storage"].ping()
+    except Exception as exc:
+        return f"down: {type(exc).__name__}"
+    return "ok"
+
+
 def check_dependencies(app: Flask) -> dict[str, str]:
     settings = app.extensions["switchboard.settings"]
     checks = {
@@ -57,4 +65,8 @@ def check_dependencies(app: Flask) -> dict[str, str]:
         checks["broker"] = checks["redis"]
     else:
         checks["broker"] = _check_broker(settings.celery_broker_url)
+    policy = app.extensions["switchboard.policy"]
+    if policy.attachments.enabled and app.extensions["switchboard.storage"] is not None:
+        # Only where attachments are on: without its bucket no photo can be sent or shown.
+        checks["storage"] = _check_storage(app)
     return checks

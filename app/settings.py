@@ -134,6 +134,64 @@ class Settings(BaseModel):
         default=True, validation_alias=_env("SWITCHBOARD_RATE_LIMITS_ENABLED")
     )
 
+    # Attachments: any S3-compatible store. No bucket: attachments are unavailable (a policy
+    # that enables them is refused at start-up); `switchboard up` and the tests start an
+    # embedded SeaweedFS instead. The AWS_* names are the standard ones; left unset,
+    # boto3's own chain (an instance role, ~/.aws) supplies the credentials.
+    s3_bucket: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$",
+        validation_alias=_env("SWITCHBOARD_S3_BUCKET"),
+    )
+    # Unset for AWS; the store's URL for R2, MinIO, SeaweedFS (path-style addressing).
+    s3_endpoint_url: str | None = Field(
+        default=None, validation_alias=_env("SWITCHBOARD_S3_ENDPOINT_URL")
+    )
+    # Where clients reach the store when it is not the address the server uses (a
+    # container network, a proxy): signed URLs are made for this one.
+    s3_public_endpoint_url: str | None = Field(
+        default=None, validation_alias=_env("SWITCHBOARD_S3_PUBLIC_ENDPOINT_URL")
+    )
+    aws_access_key_id: str | None = Field(
+        default=None, repr=False, validation_alias=_env("AWS_ACCESS_KEY_ID")
+    )
+    aws_secret_access_key: str | None = Field(
+        default=None, repr=False, validation_alias=_env("AWS_SECRET_ACCESS_KEY")
+    )
+    aws_region: str = Field(
+        default="us-east-1",
+        pattern=r"^[a-z0-9-]{1,32}$",
+        validation_alias=_env("AWS_REGION"),
+    )
+    # Lifetime of a presigned upload (POST) and of a signed download URL.
+    s3_upload_ttl_seconds: int = Field(
+        default=600, ge=30, le=86_400, validation_alias=_env("SWITCHBOARD_S3_UPLOAD_TTL_SECONDS")
+    )
+    s3_url_ttl_seconds: int = Field(
+        default=300, ge=10, le=86_400, validation_alias=_env("SWITCHBOARD_S3_URL_TTL_SECONDS")
+    )
+
+    @field_validator("aws_region", mode="before")
+    @classmethod
+    def _empty_region_is_default(cls, value: object) -> object:
+        return "us-east-1" if value == "" else value
+
+    @field_validator("s3_endpoint_url", "s3_public_endpoint_url")
+    @classmethod
+    def _check_endpoint_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ValueError("must be an http:// or https:// URL of the S3 endpoint")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_s3_credentials(self) -> Settings:
+        if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
+            raise SettingsError("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: set both or neither")
+        return self
+
     @field_validator("database_url")
     @classmethod
     def _normalise_database_url(cls, value: str) -> str:
@@ -183,6 +241,11 @@ class Settings(BaseModel):
         "worker_metrics_port",
         "stream_send_buffer_bytes",
         "metrics_token",
+        "s3_bucket",
+        "s3_endpoint_url",
+        "s3_public_endpoint_url",
+        "aws_access_key_id",
+        "aws_secret_access_key",
         mode="before",
     )
     @classmethod

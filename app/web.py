@@ -18,6 +18,7 @@ from app.input_checks import check_text, parse_untrusted_json
 from app.models import User
 from app.problems import BadRequest, TooManyRequests
 from app.settings import Settings
+from app.storage import ObjectStore
 from monitoring.logging import request_id_var
 from monitoring.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
@@ -31,6 +32,11 @@ def settings() -> Settings:
 
 def database() -> Database:
     return current_app.extensions["switchboard.db"]
+
+
+def object_store() -> ObjectStore | None:
+    """The attachments' object store; None where no bucket is configured."""
+    return current_app.extensions["switchboard.storage"]
 
 
 def session() -> Session:
@@ -104,6 +110,22 @@ def _teardown_request(_exc: BaseException | None) -> None:
 # Blueprints outside the per-user limit: probes and metrics carry no user; admin routes are
 # the deployment's own backend with the service token; the stream limits its connect itself.
 RATE_LIMIT_EXEMPT_BLUEPRINTS = frozenset({"health", "admin", "stream"})
+# Endpoint -> the `[rate_limit.actions]` name whose limit it spends besides the general
+# one (tests/test_rate_limits.py checks that each endpoint exists).
+RATE_LIMITED_ACTIONS = {
+    "conversations.send": "send",
+    "conversations.start": "start_conversation",
+    "moderation.report_message": "report",
+    "attachments.request_upload": "attachment",
+    "broadcasts.send": "broadcast",
+}
+ACTION_NOUNS = {
+    "send": "messages sent",
+    "start_conversation": "conversations started",
+    "report": "reports",
+    "attachment": "attachment uploads",
+    "broadcast": "broadcasts",
+}
 CORS_METHODS = "GET, POST, PUT, PATCH, DELETE"
 CORS_HEADERS = "Authorization, Content-Type, X-Request-ID"
 CORS_EXPOSED = "Retry-After, X-Request-ID"
@@ -138,7 +160,8 @@ def _answer_preflight() -> Response | None:
 
 
 def _enforce_rate_limit() -> None:
-    """The user's per-user limit, once authenticated; a 429 before the handler runs,
+    """The user's per-user limit, once authenticated, and the action's own where the
+    policy sets one (see app/ratelimit.py for the order); a 429 before the handler runs,
     so nothing is written. A request with no valid token gets its 401 here."""
     if request.method == "OPTIONS" or request.url_rule is None or not _is_api(request.path):
         return
@@ -148,10 +171,16 @@ def _enforce_rate_limit() -> None:
     limiter = current_app.extensions["switchboard.ratelimiter"]
     if limiter is None:
         return
-    verdict = limiter.hit(user.tenant_id, user.id, "api")
+    action = RATE_LIMITED_ACTIONS.get(request.endpoint or "")
+    policy = current_app.extensions["switchboard.policy"]
+    limit = policy.rate_limit_actions.get(action) if action else None
+    verdict = limiter.hit(
+        user.tenant_id, user.id, "api", (action, limit) if action and limit else None
+    )
     if not verdict.allowed:
+        what = ACTION_NOUNS.get(verdict.refused_by or "", "requests")
         raise TooManyRequests(
-            f"Too many requests; retry in {verdict.retry_after} s.",
+            f"Too many {what}; retry in {verdict.retry_after} s.",
             headers={"Retry-After": str(verdict.retry_after)},
         )
 

@@ -1140,6 +1140,8 @@ def probe_send(port: int, workload: Workload, db_url: str, processes: Processes)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common import S3Store
+
     args = parse_args(argv)
     db_url = database_url(args.pg_url, args.db_name)
 
@@ -1192,6 +1194,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="switchboard-bench-"))
     metrics_dir = log_dir / "prometheus"
     metrics_dir.mkdir()
+    s3 = S3Store()
     settings_env = {
         "DATABASE_URL": db_url,
         "REDIS_URL": args.redis_url,
@@ -1200,6 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
         "SWITCHBOARD_POLICY": "bookstore",
         "SWITCHBOARD_LOG_LEVEL": "WARNING",
         "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
+        **s3.start(),
     }
     env = {
         key: value
@@ -1346,6 +1350,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         processes.stop_all()
+        s3.stop()
         redis_client.close()
         if completed and not processes.logged_errors():
             shutil.rmtree(log_dir, ignore_errors=True)

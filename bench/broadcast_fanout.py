@@ -26,7 +26,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -179,6 +178,7 @@ def one_round(
 
 def run(args: argparse.Namespace) -> int:
     import redis
+    from common import S3Store
 
     from app.auth import mint_token
     from app.embedded import free_port
@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     procs: list[Proc] = []
     clients: Clients | None = None
     probe: HealthProbe | None = None
+    s3 = S3Store()
     database_ready = False
     try:
         database_url = setup_database(args)
@@ -211,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         env.pop("SWITCHBOARD_BROKER_URL", None)
+        env.update(s3.start())
         settings = load_settings(env)
         started = time.monotonic()
         provision(database_url, args.sockets)
@@ -323,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
             clients.stop()
         for proc in reversed(procs):
             proc.stop()
+        s3.stop()
         if database_ready and not args.keep_db:
             with contextlib.suppress(Exception):
                 drop_database(args)
@@ -330,17 +333,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    from common import run_cleanly
 
-    def terminate(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; stopped the processes it started", file=sys.stderr)
-        return 130
+    return run_cleanly(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1467,6 +1467,7 @@ def raise_nofile() -> None:
 
 def run(args: argparse.Namespace) -> int:
     import redis
+    from common import S3Store
 
     from app.auth import mint_token
     from app.embedded import free_port
@@ -1481,6 +1482,7 @@ def run(args: argparse.Namespace) -> int:
     procs: list[Proc] = []
     clients: Clients | None = None
     probe: HealthProbe | None = None
+    s3 = S3Store()
     database_ready = False
     try:
         database_url = setup_database(args)
@@ -1498,6 +1500,7 @@ def run(args: argparse.Namespace) -> int:
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.update(base_env)
+        env.update(s3.start())
         settings = load_settings(env)
         print_header(args, settings)
         print(f"logs: {work}")
@@ -1620,6 +1623,7 @@ def run(args: argparse.Namespace) -> int:
             clients.stop()
         for proc in reversed(procs):
             proc.stop()
+        s3.stop()
         if database_ready and not args.keep_db:
             with contextlib.suppress(Exception):
                 drop_database(args)
@@ -1627,17 +1631,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    from common import run_cleanly
 
-    def terminate(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; stopped the processes it started", file=sys.stderr)
-        return 130
+    return run_cleanly(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ HTTP_LATENCY = Histogram(
 )
 RATE_LIMITED = Counter(
     "switchboard_rate_limited_total",
-    "Requests refused by the per-user rate limit (429, or a stream connect closed), by surface.",
+    "Refused by the per-user rate limits, by surface: api, action:<name> (429s), stream "
+    "(connects closed), stream_frame (client frames dropped).",
     ["surface"],
 )
 TASKS = Counter(
@@ -125,6 +126,19 @@ JOB_DURATION = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0),
 )
 
+ATTACHMENT_UPLOADS = Counter(
+    "switchboard_attachment_uploads_total",
+    "Attachment uploads requested (presigned POSTs handed out).",
+)
+ATTACHMENT_CHECKS = Counter(
+    "switchboard_attachment_checks_total",
+    "Attachments the worker checked: ready, or rejected (not an allowed image, too big...).",
+    ["outcome"],
+)
+ATTACHMENT_OBJECTS_DELETED = Counter(
+    "switchboard_attachment_objects_deleted_total",
+    "Attachments whose objects (image and thumbnail) were deleted from the store.",
+)
 REPORTS_FILED = Counter(
     "switchboard_reports_filed_total",
     "Reports of messages filed (a repeat of an existing report not counted), by reason.",

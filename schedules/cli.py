@@ -99,6 +99,7 @@ def run_now(name: str, as_of: datetime | None) -> None:
                 name,
                 enqueue_send=enqueue_send,
                 enqueue_broadcast=enqueue_broadcast,
+                store=current_app.extensions["switchboard.storage"],
                 now=as_of,
                 force=True,
             )

@@ -26,10 +26,12 @@ from sqlalchemy.orm import Session
 
 from app.events import PUBLISHER_KEY
 from app.policy import Policy
+from app.services.attachments import OBJECT_REMOVER_KEY, clean_up_batch
 from app.services.broadcasts import redispatch_stale_broadcasts, reset_broadcast_quotas
 from app.services.event_log import prune_event_log
 from app.services.retention import purge_deleted, soft_delete_expired
 from app.services.sends import redispatch_stale_sends
+from app.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class JobContext:
     enqueue_send: Callable[[uuid.UUID], None]
     # Likewise a broadcast's fan-out; None where the caller cannot enqueue broadcasts.
     enqueue_broadcast: Callable[[uuid.UUID], None] | None = None
+    # The attachments' object store; None where no bucket is configured.
+    store: ObjectStore | None = None
 
     def transaction(self) -> AbstractContextManager[Session]:
         """A short transaction of its own, committed when the block ends (events
@@ -52,11 +56,14 @@ class JobContext:
         return _own_transaction(self.session)
 
 
+_CARRIED_OVER = frozenset({PUBLISHER_KEY, OBJECT_REMOVER_KEY})
+
+
 @contextmanager
 def _own_transaction(session: Session) -> Iterator[Session]:
     # The event publisher rides in session.info (app/db.py); the run's pending after-commit
     # callbacks must not, so only the publisher is carried over.
-    info = {key: value for key, value in session.info.items() if key == PUBLISHER_KEY}
+    info = {key: value for key, value in session.info.items() if key in _CARRIED_OVER}
     with (
         Session(bind=session.get_bind(), info=info, expire_on_commit=False) as own,
         own.begin(),
@@ -175,6 +182,14 @@ def _redispatch_broadcasts(context: JobContext) -> int:
     return redispatch_stale_broadcasts(context.session, context.enqueue_broadcast)
 
 
+def _clean_attachments(context: JobContext) -> int:
+    return _in_batches(
+        context,
+        "clean-attachments",
+        lambda session: clean_up_batch(session, context.store, context.now),
+    )
+
+
 def _reset_broadcast_quotas(context: JobContext) -> int:
     return reset_broadcast_quotas(context.session, context.policy, context.now)
 
@@ -229,6 +244,15 @@ JOBS: dict[str, Job] = {
             _purge_deleted,
             daily_at=lambda policy: policy.purge_daily_at,
             touches="messages purged",
+        ),
+        Job(
+            "clean-attachments",
+            "Delete uploads not sent within 24 hours, and the objects of attachments that "
+            "went with their message or failed their check (when the task for it was lost).",
+            crontab(minute="*/15"),
+            timedelta(minutes=15),
+            _clean_attachments,
+            touches="attachments expired, deleted from the store or forgotten",
         ),
         Job(
             "prune-event-log",

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from app.db import after_commit
 from app.models import JobState
 from app.policy import Policy
+from app.storage import ObjectStore
 from monitoring.metrics import JOB_DURATION, JOB_RUNS
 from schedules.jobs import JOBS, JobContext
 
@@ -53,6 +54,7 @@ def run_job(
     *,
     enqueue_send: Callable[[uuid.UUID], None],
     enqueue_broadcast: Callable[[uuid.UUID], None] | None = None,
+    store: ObjectStore | None = None,
     now: datetime | None = None,
     force: bool = False,
 ) -> JobRun:
@@ -87,7 +89,7 @@ def run_job(
     if session.execute(claim.returning(JobState.job)).first() is None:
         JOB_RUNS.labels(name, "skipped_done").inc()
         return JobRun(name, "skipped_done")
-    rows = job.run(JobContext(session, policy, now, enqueue_send, enqueue_broadcast))
+    rows = job.run(JobContext(session, policy, now, enqueue_send, enqueue_broadcast, store))
     duration = time.perf_counter() - started
     session.execute(
         update(JobState)

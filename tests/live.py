@@ -21,9 +21,21 @@ from typing import Any
 
 import websocket
 
-from app.embedded import free_port
+from app.embedded import S3_VARIABLES, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# The S3 settings of the test run's store (SWITCHBOARD_S3_BUCKET, SWITCHBOARD_S3_ENDPOINT_URL,
+# AWS_*), set by conftest's `s3_env` fixture: every live process gets them unless its env
+# names a bucket of its own. Empty outside a test session (bench scripts give their own).
+S3_ENV: dict[str, str] = {}
+
+
+def with_s3(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the test store's S3 settings, unless it names a bucket of its own; the
+    store's keys replace any AWS_* credentials `env` took from the shell."""
+    if not S3_ENV or env.get("SWITCHBOARD_S3_BUCKET"):
+        return env
+    return {name: value for name, value in env.items() if name not in S3_VARIABLES} | S3_ENV
 
 
 def procfile_command(name: str) -> str:
@@ -47,7 +59,7 @@ class LiveProcess:
         self.process = subprocess.Popen(
             ["bash", "-c", "exec " + procfile_command(self.name)],
             cwd=ROOT,
-            env=self.env,
+            env=with_s3(self.env),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -81,6 +93,10 @@ class LiveSystem:
         # left in the shell: with RabbitMQ (TEST_BROKER_URL) the in-process test workers
         # would otherwise share queues with these processes.
         env.pop("SWITCHBOARD_BROKER_URL", None)
+        # Likewise the S3 store: the test run's (S3_ENV) or base_env's, not the shell's.
+        for name in S3_VARIABLES:
+            env.pop(name, None)
+        env.update(S3_ENV)
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.update(self.base_env)
         env.update(extra)

@@ -34,6 +34,11 @@ NOT_INHERITED = (
     "WEB_CONCURRENCY",
     "PROMETHEUS_MULTIPROC_DIR",
     "CELERY_BEAT_SCHEDULE",
+    # The S3 store comes from the test (or `switchboard up`'s embedded one), never the shell.
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
 )
 VALID_SECRETS = {
     "SWITCHBOARD_SERVICE_TOKEN": "operator-service-token-0123456789",
@@ -105,6 +110,12 @@ def http_get(url: str, **headers: str) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def port_answers(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def tcp_listeners(port: int) -> list[str]:
@@ -181,12 +192,24 @@ def test_bad_configuration_stops_start_up_with_one_line_naming_the_key(
 # --- switchboard up ----------------------------------------------------------------------
 
 
+def remove_weed_sockets(state: Path) -> None:
+    """The unix sockets a SIGKILLed `weed` leaves in /tmp, named by the ports `up` saved."""
+    try:
+        ports = json.loads((state / "s3" / "ports.json").read_text()).values()
+    except (OSError, ValueError):
+        return
+    for port in ports:
+        for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            leftover.unlink(missing_ok=True)
+
+
 @pytest.fixture
 def switchboard_up(
     tmp_path: Path, database_url: str, redis_url: str, clean_state: None
 ) -> Iterator[tuple[subprocess.Popen, Path, Path, int]]:
     """`switchboard up` run from the checkout (as scripts/up does) with a state dir of
-    this test's own and the test's PostgreSQL and Redis."""
+    this test's own and the test's PostgreSQL and Redis; no S3 bucket, so it starts its
+    embedded SeaweedFS, in its process group: the SIGKILL of the group stops that too."""
     port = free_port()
     state = tmp_path / "state"
     log = tmp_path / "up.log"
@@ -202,7 +225,9 @@ def switchboard_up(
     try:
         yield process, state, log, port
     finally:
-        stop_group(process, signal.SIGKILL)
+        if process.poll() is None:
+            stop_group(process, signal.SIGKILL)
+            remove_weed_sockets(state)
 
 
 def test_up_saves_its_settings_for_the_cli_and_listens_on_loopback(
@@ -220,6 +245,22 @@ def test_up_saves_its_settings_for_the_cli_and_listens_on_loopback(
     assert len(saved["SWITCHBOARD_JWT_SECRET"]) >= 32
     if Path("/proc/net/tcp").exists():
         assert tcp_listeners(port) == ["127.0.0.1"]
+
+    # No bucket configured: an embedded SeaweedFS on loopback, its settings saved too.
+    s3_endpoint = saved["SWITCHBOARD_S3_ENDPOINT_URL"]
+    s3_port = int(s3_endpoint.rsplit(":", 1)[1])
+    assert saved["SWITCHBOARD_S3_BUCKET"] == "switchboard"
+    assert (saved["AWS_ACCESS_KEY_ID"], saved["AWS_REGION"]) == (
+        json.loads((state / "secrets.json").read_text())["embedded_s3"]["access_key"],
+        "us-east-1",
+    )
+    assert (
+        "SWITCHBOARD_S3_BUCKET not set: started embedded SeaweedFS (S3) at "
+        f"{s3_endpoint}, bucket switchboard"
+    ) in log.read_text()
+    assert http_get(s3_endpoint + "/switchboard/")[0] == 403  # no anonymous listing
+    if Path("/proc/net/tcp").exists():
+        assert tcp_listeners(s3_port) == ["127.0.0.1"]
 
     request = urllib.request.Request(
         f"{base}/v1/admin/users/dave",
@@ -278,17 +319,22 @@ def test_up_saves_its_settings_for_the_cli_and_listens_on_loopback(
     assert not (state / "web-metrics").exists()
     assert list(state.glob("celerybeat-schedule*"))
     assert list((tmp_path / "tmp").iterdir()) == []
+    # The embedded SeaweedFS stopped with it, and left no socket behind.
+    assert not port_answers(s3_port)
+    for name, weed_port in json.loads((state / "s3" / "ports.json").read_text()).items():
+        assert not list(Path("/tmp").glob(f"seaweedfs-*-{weed_port}.sock")), name
 
 
 # --- the web and worker lines on their own --------------------------------------------
 
 
 def test_web_removes_the_metrics_dir_it_made_in_the_temp_dir(
-    tmp_path: Path, database_url: str, redis_url: str, clean_state: None
+    tmp_path: Path, database_url: str, redis_url: str, s3_env: dict[str, str], clean_state: None
 ) -> None:
     port = free_port()
     env = process_env(
         tmp_path,
+        **s3_env,
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         PORT=str(port),
@@ -345,12 +391,13 @@ def test_web_binds_all_interfaces_for_production_unless_told(
 
 
 def test_worker_metrics_need_the_metrics_token_when_one_is_set(
-    tmp_path: Path, database_url: str, redis_url: str, clean_state: None
+    tmp_path: Path, database_url: str, redis_url: str, s3_env: dict[str, str], clean_state: None
 ) -> None:
     port = free_port()
     token = "worker-metrics-token-0123456789"
     env = process_env(
         tmp_path,
+        **s3_env,
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         WORKER_CONCURRENCY="2",

@@ -844,3 +844,62 @@ def test_garbage_only_ever_raises_policy_error(text: str) -> None:
 def test_non_string_text_is_a_policy_error() -> None:
     with pytest.raises(PolicyError):
         parse_policy(b"name = 'x'")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ rate limits
+
+
+def test_preset_rate_limits(bookstore: Policy, cardshow: Policy, marketplace: Policy) -> None:
+    for policy in (bookstore, cardshow, marketplace):
+        assert (policy.rate_limit_per_second, policy.rate_limit_burst) == (10.0, 20)
+        send = policy.rate_limit_actions["send"]
+        assert (send.per_second, send.burst) == (2.0, 10)
+        start = policy.rate_limit_actions["start_conversation"]
+        assert (start.per_second, start.burst) == (1.0, 5)
+        assert policy.rate_limit_actions["report"].burst == 5
+        frames = policy.rate_limit_frames
+        assert (frames.per_second, frames.burst) == (10.0, 20)
+    assert marketplace.rate_limit_actions["attachment"].burst == 8
+    assert cardshow.rate_limit_actions["broadcast"].burst == 3
+    assert "broadcast" not in bookstore.rate_limit_actions  # nobody may broadcast there
+
+
+def test_rate_limit_defaults_have_no_action_limits() -> None:
+    policy = parse_policy(_CUSTOM)
+    assert dict(policy.rate_limit_actions) == {}
+    assert (policy.rate_limit_frames.per_second, policy.rate_limit_frames.burst) == (10.0, 20)
+
+
+SEND_LIMIT = "send = { per_second = 2, burst = 10 }"
+
+
+@pytest.mark.parametrize(
+    ("new", "expected"),
+    [
+        ("sned = { per_second = 2, burst = 10 }", "rate_limit.actions.sned: unknown key"),
+        ("send = { per_second = 2 }", "rate_limit.actions.send.burst: required key missing"),
+        (
+            "send = { per_second = 0, burst = 10 }",
+            "rate_limit.actions.send.per_second: Input should be greater than 0",
+        ),
+        (
+            'send = { per_second = 2, burst = "10" }',
+            "rate_limit.actions.send.burst: Input should be a valid integer",
+        ),
+        (
+            "send = { per_second = 2, burst = 10, window = 3 }",
+            "rate_limit.actions.send.window: unknown key",
+        ),
+        ("send = 2", "rate_limit.actions.send: should be a table"),
+    ],
+)
+def test_a_bad_action_limit_names_its_key(new: str, expected: str) -> None:
+    assert expected in _bad(SEND_LIMIT, new)
+
+
+def test_a_bad_frame_limit_names_its_key() -> None:
+    old = "frames = { per_second = 10, burst = 20 }"
+    assert "rate_limit.frames.burst: Input should be greater than or equal to 1" in _bad(
+        old, "frames = { per_second = 10, burst = 0 }"
+    )
+    assert "rate_limit.frame_burst: unknown key" in _bad(old, "frame_burst = 20")

@@ -4,16 +4,25 @@ security headers on every response."""
 from __future__ import annotations
 
 import time
+import urllib.request
+from datetime import timedelta
+from importlib import resources
 
 import pytest
+import redis
 from sqlalchemy import func, select
 
-from app.api.stream import serve_stream
+from app.api.stream import FrameLimit, serve_stream
+from app.auth import mint_token
 from app.models import Message
-from app.ratelimit import window_for
+from app.policy.schema import RateLimit, RateLimitActions
+from app.ratelimit import UserRateLimiter, window_for
 from app.settings import SettingsError
+from app.web import RATE_LIMITED_ACTIONS
 from tests.conftest import settings_for
 from tests.helpers import error_code
+from tests.live import LiveSystem, Stream, http
+from tests.test_stream import live_env, separate_redis_db
 
 ORIGIN = "https://app.example.com"
 
@@ -30,7 +39,7 @@ def app(app_factory, policy_name: str, clean_state):
 
 
 class FakeClock:
-    """The limiter library's clock, moved by the test instead of by sleeping."""
+    """The limiter's clock, moved by the test instead of by sleeping."""
 
     def __init__(self) -> None:
         self.now = time.time()
@@ -43,6 +52,7 @@ class FakeClock:
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr("limits.storage.redis.time", fake)
+    monkeypatch.setattr("app.ratelimit.wall_clock", fake.time)
     return fake
 
 
@@ -94,9 +104,11 @@ def test_the_limit_is_shared_by_two_app_instances(app, app_factory, make_user, a
 def test_requests_pass_again_once_the_window_has_moved(client, make_user, auth, clock):
     alice = make_user("alice", role="customer")
     burst(client, auth(alice))
-    assert client.get("/v1/me", headers=auth(alice)).status_code == 429
+    refused = client.get("/v1/me", headers=auth(alice))
+    assert (refused.status_code, refused.headers["Retry-After"]) == (429, "2")
     clock.now += 1.0  # half the window: all 20 still inside it
-    assert client.get("/v1/me", headers=auth(alice)).status_code == 429
+    refused = client.get("/v1/me", headers=auth(alice))
+    assert (refused.status_code, refused.headers["Retry-After"]) == (429, "1")
     clock.now += 1.1
     burst(client, auth(alice))
     assert client.get("/v1/me", headers=auth(alice)).status_code == 429
@@ -155,6 +167,208 @@ def test_an_unreachable_redis_does_not_fail_requests(database_url, make_user, au
             assert app.test_client().get("/v1/me", headers=auth(alice)).status_code == 200
     finally:
         app.extensions["switchboard.db"].dispose()
+
+
+# ------------------------------------------------------------------ per-action and frame limits
+
+# The marketplace preset with a send limit of 3 in any 3 s (the general one stays 20 per
+# 2 s) and a frame limit of 3 in any second.
+TIGHT_SEND = "send = { per_second = 1, burst = 3 }"
+TIGHT_FRAMES = "frames = { per_second = 3, burst = 3 }"
+
+
+@pytest.fixture(scope="session")
+def tight_policy(tmp_path_factory) -> str:
+    text = resources.files("app.policy").joinpath("presets", "marketplace.toml").read_text()
+    for old, new in (
+        ("send = { per_second = 2, burst = 10 }", TIGHT_SEND),
+        ("frames = { per_second = 10, burst = 20 }", TIGHT_FRAMES),
+    ):
+        assert old in text, f"test setup: {old!r} not in the marketplace preset"
+        text = text.replace(old, new)
+    path = tmp_path_factory.mktemp("policy") / "tight.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def tight(app_factory, tight_policy, clean_state):
+    return app_factory(SWITCHBOARD_POLICY=tight_policy, SWITCHBOARD_RATE_LIMITS_ENABLED="true")
+
+
+def start_chat(client, auth, customer, artist) -> str:
+    started = client.post(
+        "/v1/conversations", json={"participant_id": artist.id}, headers=auth(customer)
+    )
+    assert started.status_code == 201, started.json
+    return started.json["id"]
+
+
+def send(client, headers, conversation_id, client_id):
+    return client.post(
+        f"/v1/conversations/{conversation_id}/messages",
+        json={"body": "hello", "client_id": client_id},
+        headers=headers,
+    )
+
+
+def message_count(app) -> int:
+    with app.extensions["switchboard.db"].read_sessions() as session:
+        return session.scalar(select(func.count()).select_from(Message))
+
+
+def test_the_mapped_endpoints_exist_and_name_known_actions(app):
+    actions = set(RateLimitActions.model_fields)
+    for endpoint, action in RATE_LIMITED_ACTIONS.items():
+        assert action in actions
+        assert endpoint in app.view_functions, endpoint
+
+
+def test_a_send_past_its_action_limit_is_a_429_and_writes_nothing(tight, make_user, auth, clock):
+    client = tight.test_client()
+    customer, artist = make_user("cust", role="customer"), make_user("artist", role="artist")
+    conversation_id = start_chat(client, auth, customer, artist)
+    for index in range(3):
+        assert send(client, auth(customer), conversation_id, f"c-{index}").status_code == 202
+    refused = send(client, auth(customer), conversation_id, "c-3")
+    assert error_code(refused) == (429, "rate_limited")
+    assert "messages sent" in refused.json["error"]["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 3
+    assert message_count(tight) == 3
+    # Routes without an action limit only spend the general budget, which has room.
+    assert client.get("/v1/me", headers=auth(customer)).status_code == 200
+    assert client.get("/v1/conversations", headers=auth(customer)).status_code == 200
+    # The other side's sends are limited separately.
+    assert send(client, auth(artist), conversation_id, "a-0").status_code == 202
+    body = tight.test_client().get("/metrics").get_data(as_text=True)
+    assert 'switchboard_rate_limited_total{surface="action:send"}' in body
+    clock.now += 3.1
+    assert send(client, auth(customer), conversation_id, "c-3").status_code == 202
+
+
+def test_a_request_refused_by_its_action_limit_still_counts_as_a_request(
+    tight, make_user, auth, clock
+):
+    """As flask-limiter stacks limits: the general window first, then the action's. A
+    refused send was a request all the same, and spends the general budget."""
+    client = tight.test_client()
+    customer, artist = make_user("cust", role="customer"), make_user("artist", role="artist")
+    conversation_id = start_chat(client, auth, customer, artist)  # general: 1 of 20
+    for index in range(3):  # general: 4 of 20; send: 3 of 3
+        assert send(client, auth(customer), conversation_id, f"c-{index}").status_code == 202
+    for index in range(10):  # general: 14 of 20; send: still 3 of 3
+        assert send(client, auth(customer), conversation_id, f"x-{index}").status_code == 429
+    burst(client, auth(customer), 6)
+    assert error_code(client.get("/v1/me", headers=auth(customer))) == (429, "rate_limited")
+    assert message_count(tight) == 3
+
+
+def test_the_general_limit_still_applies_to_actions_and_spends_nothing_of_theirs(
+    tight, make_user, auth, clock
+):
+    client = tight.test_client()
+    customer, artist = make_user("cust", role="customer"), make_user("artist", role="artist")
+    conversation_id = start_chat(client, auth, customer, artist)
+    for index in range(2):  # general: 3 of 20; send: 2 of 3
+        assert send(client, auth(customer), conversation_id, f"c-{index}").status_code == 202
+    burst(client, auth(customer), 17)
+    refused = send(client, auth(customer), conversation_id, "c-2")
+    assert error_code(refused) == (429, "rate_limited")
+    assert refused.json["error"]["message"].startswith("Too many requests")
+    clock.now += 2.1  # the general window (2 s) has moved on, the send window (3 s) not
+    assert send(client, auth(customer), conversation_id, "c-2").status_code == 202
+    assert send(client, auth(customer), conversation_id, "c-3").status_code == 429
+    assert message_count(tight) == 3
+
+
+def test_an_action_limit_costs_one_more_hit_and_only_on_its_routes(tight, make_user, auth):
+    limiter = tight.extensions["switchboard.ratelimiter"]
+    calls: list[tuple[str, ...]] = []
+    real_hit = limiter._limiter.hit
+
+    def counted(item, *identifiers):
+        calls.append(identifiers)
+        return real_hit(item, *identifiers)
+
+    limiter._limiter.hit = counted
+    try:
+        client = tight.test_client()
+        customer, artist = make_user("cust", role="customer"), make_user("artist", role="artist")
+        assert client.get("/v1/me", headers=auth(customer)).status_code == 200
+        assert calls == [("t1", "cust")]  # the general window only
+        conversation_id = start_chat(client, auth, customer, artist)
+        assert send(client, auth(customer), conversation_id, "c-0").status_code == 202
+        assert calls[1:] == [
+            ("t1", "cust"),
+            ("t1", "cust", "start_conversation"),
+            ("t1", "cust"),
+            ("t1", "cust", "send"),
+        ]
+    finally:
+        del limiter._limiter.hit
+
+
+def test_frames_fail_open_when_redis_is_unreachable():
+    limiter = UserRateLimiter(redis.Redis.from_url("redis://127.0.0.1:1/0"), 10, 20)
+    frames = FrameLimit(limiter, "t1", "alice", RateLimit(per_second=1, burst=1))
+    assert all(frames.refusal() is None for _ in range(5))
+    assert FrameLimit(None, "t1", "alice", RateLimit(per_second=1, burst=1)).refusal() is None
+
+
+@pytest.fixture
+def live_tight(database_url, redis_url, tight_policy, tmp_path):
+    # A Redis database of its own: the in-process test workers must not see its queue.
+    live_redis = separate_redis_db(redis_url, 4)
+    redis.Redis.from_url(live_redis).flushdb()
+    env = live_env(database_url, live_redis) | {
+        "SWITCHBOARD_POLICY": tight_policy,
+        "SWITCHBOARD_RATE_LIMITS_ENABLED": "true",
+    }
+    system = LiveSystem(env, tmp_path / "logs").start()
+    yield system
+    system.stop()
+
+
+def test_stream_frames_past_the_limit_get_an_error_frame_and_the_socket_stays_open(
+    live_tight, app, make_user
+):
+    alice = make_user("alice", role="customer")
+    token = mint_token(
+        app.extensions["switchboard.settings"],
+        alice.id,
+        alice.tenant_id,
+        ttl=timedelta(minutes=10),
+    )
+    shout = {"type": "shout"}  # a frame handled with an answer: unknown_frame_type
+    phone = Stream(live_tight.ws_url(), token, last_event_id=0)
+    laptop = Stream(live_tight.ws_url(), token, last_event_id=0)
+    try:
+        for _ in range(3):  # 3 frames in any second, per user
+            phone.send(shout)
+            assert phone.next()["data"]["code"] == "unknown_frame_type"
+        phone.send(shout)
+        refused = phone.next()
+        assert refused["type"] == "error" and "id" not in refused
+        assert refused["data"]["code"] == "rate_limited"
+        assert refused["data"]["retry_after"] == 1
+        assert "retry in 1 s" in refused["data"]["message"]
+        # Every socket of the user shares the budget.
+        laptop.send(shout)
+        assert laptop.next()["data"]["code"] == "rate_limited"
+        # Frames have a budget of their own: of the general one (20 per 2 s) the two
+        # connects took 2, the frames nothing.
+        for _ in range(18):
+            assert http("GET", live_tight.url() + "/v1/me", token)[0] == 200
+        assert http("GET", live_tight.url() + "/v1/me", token)[0] == 429
+        time.sleep(1.1)
+        phone.send(shout)
+        assert phone.next()["data"]["code"] == "unknown_frame_type"  # open, handled again
+    finally:
+        phone.close()
+        laptop.close()
+    with urllib.request.urlopen(live_tight.url() + "/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'switchboard_rate_limited_total{surface="stream_frame"}' in metrics
 
 
 def cors_app(app_factory):

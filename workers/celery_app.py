@@ -24,6 +24,7 @@ from kombu import Queue
 from sqlalchemy.orm import Session
 
 from app.db import after_commit
+from app.storage import StorageUnavailable
 from monitoring.logging import request_id_var
 from monitoring.metrics import TASK_LATENCY, TASKS
 from workers.broker import broker_options, patch_kombu_redis_restore
@@ -59,6 +60,7 @@ RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.IntegrityError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    StorageUnavailable,
 )
 
 

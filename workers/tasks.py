@@ -14,6 +14,7 @@ from flask import current_app
 from sqlalchemy.orm import Session
 
 from app.policy import Decision
+from app.services.attachments import check_message_attachments, delete_objects
 from app.services.broadcasts import fan_out_chunk, reject_broadcast
 from app.services.messages import reject_send, store_message
 from monitoring.metrics import BROADCAST_ENQUEUE_FAILURES, SEND_ENQUEUE_FAILURES
@@ -44,9 +45,17 @@ class SendTask(SwitchboardTask):
 
 @celery.task(bind=True, base=SendTask, name="switchboard.direct.send_message")
 def send_message(task, message_id: str) -> str:
-    """Decide and store one accepted send; safe to run any number of times."""
+    """Decide and store one accepted send; safe to run any number of times. A send with
+    attachments has their bytes checked first, before any lock is taken."""
+    session, policy = task.session, current_app.extensions["switchboard.policy"]
+    store = current_app.extensions["switchboard.storage"]
     return store_message(
-        task.session, current_app.extensions["switchboard.policy"], message_id
+        session,
+        policy,
+        message_id,
+        check_attachments=lambda queued_id: check_message_attachments(
+            session, policy, store, queued_id
+        ),
     ).outcome
 
 
@@ -103,6 +112,29 @@ def enqueue_broadcast(broadcast_id: uuid.UUID) -> None:
         log.warning("could not enqueue broadcast %s, the sweeper will: %r", broadcast_id, exc)
 
 
+@celery.task(bind=True, name="switchboard.default.delete_attachment_objects")
+def delete_attachment_objects(task, attachment_ids: list[str]) -> int:
+    """Delete the objects of attachments that went with their message (or failed their
+    check); retried with backoff while the store is unreachable, and finished by the
+    clean-attachments job if every retry fails."""
+    return delete_objects(
+        task.session,
+        current_app.extensions["switchboard.storage"],
+        [uuid.UUID(str(attachment_id)) for attachment_id in attachment_ids],
+    )
+
+
+def enqueue_attachment_deletion(attachment_ids: list[uuid.UUID]) -> None:
+    """After commit: delete these attachments' objects soon. A lost enqueue costs only
+    time: the clean-attachments job deletes whatever is left."""
+    try:
+        delete_attachment_objects.apply_async(args=[[str(i) for i in attachment_ids]])
+    except BROKER_ERRORS as exc:
+        log.warning(
+            "could not enqueue the deletion of %d attachments: %r", len(attachment_ids), exc
+        )
+
+
 @celery.task(bind=True, name=RUN_JOB_TASK)
 def run_periodic_job(task, name: str) -> int:
     """One run of a periodic job (see schedules.runner for why two beats are harmless)."""
@@ -112,5 +144,6 @@ def run_periodic_job(task, name: str) -> int:
         name,
         enqueue_send=enqueue_send,
         enqueue_broadcast=enqueue_broadcast,
+        store=current_app.extensions["switchboard.storage"],
     )
     return run.rows

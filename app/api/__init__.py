@@ -7,6 +7,7 @@ from flask import Flask
 
 def register_blueprints(app: Flask) -> None:
     from app.api.admin import blueprint as admin
+    from app.api.attachments import blueprint as attachments
     from app.api.broadcasts import blueprint as broadcasts
     from app.api.conversations import blueprint as conversations
     from app.api.health import blueprint as health
@@ -24,6 +25,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(messages)
     app.register_blueprint(broadcasts)
     app.register_blueprint(moderation)
+    app.register_blueprint(attachments)
     app.register_blueprint(people)
     app.register_blueprint(stream)
     sock.init_app(app)

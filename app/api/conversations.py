@@ -14,7 +14,7 @@ from app.services import conversations as service
 from app.services.messages import history
 from app.services.sends import accept_send
 from app.validation import ExternalId
-from app.web import current_user, parse_body, parse_query, session
+from app.web import current_user, object_store, parse_body, parse_query, session
 from workers.tasks import enqueue_send
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,12 @@ class ArchiveBody(BaseModel):
 
 class SendBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    # Required, and may be "" when the message carries attachments.
     body: str
     client_id: ClientId
+    attachment_ids: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        default_factory=list, max_length=20
+    )
 
 
 @blueprint.post("/conversations")
@@ -133,6 +137,7 @@ def list_messages(conversation_id: str) -> ResponseReturnValue:
         conversation_id,
         limit=query.limit or policy().message_page_size,
         before=query.before,
+        store=object_store(),
     )
 
 
@@ -143,7 +148,15 @@ def send(conversation_id: str) -> ResponseReturnValue:
     user, body = current_user(), parse_body(SendBody)
     db = session()
     accepted = accept_send(
-        db, policy(), user, conversation_id, body.body, body.client_id, enqueue=enqueue_send
+        db,
+        policy(),
+        user,
+        conversation_id,
+        body.body,
+        body.client_id,
+        enqueue=enqueue_send,
+        attachment_ids=body.attachment_ids,
+        store=object_store(),
     )
     db.commit()
     return {"id": str(accepted.message_id), "status": accepted.status}, 202

@@ -5,20 +5,21 @@ from __future__ import annotations
 from flask import Blueprint
 from flask.typing import ResponseReturnValue
 
-from app.services.messages import delete_own_message, message_json, visible_message
-from app.web import current_user, session
+from app.services.messages import delete_own_message, message_with_attachments, visible_message
+from app.web import current_user, object_store, session
 
 blueprint = Blueprint("messages", __name__, url_prefix="/v1")
 
 
 @blueprint.get("/messages/<message_id>")
 def get_message(message_id: str) -> ResponseReturnValue:
-    return message_json(visible_message(session(), current_user(), message_id))
+    db, user = session(), current_user()
+    return message_with_attachments(db, object_store(), visible_message(db, user, message_id), user)
 
 
 @blueprint.delete("/messages/<message_id>")
 def delete_message(message_id: str) -> ResponseReturnValue:
-    db = session()
-    message = delete_own_message(db, current_user(), message_id)
+    db, user = session(), current_user()
+    message = delete_own_message(db, user, message_id)
     db.commit()
-    return message_json(message)
+    return message_with_attachments(db, object_store(), message, user)

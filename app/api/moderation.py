@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.policy import Policy
 from app.services import moderation as service
-from app.web import current_user, parse_body, parse_query, session
+from app.web import current_user, object_store, parse_body, parse_query, session
 from monitoring.metrics import REPORTS_FILED, REPORTS_RESOLVED
 
 blueprint = Blueprint("moderation", __name__, url_prefix="/v1")
@@ -64,13 +64,19 @@ def queue() -> ResponseReturnValue:
     user = current_user()
     query = parse_query(QueueQuery)
     return service.list_reports(
-        session(), policy(), user, status=query.status, limit=query.limit, cursor=query.cursor
+        session(),
+        policy(),
+        user,
+        status=query.status,
+        limit=query.limit,
+        cursor=query.cursor,
+        store=object_store(),
     )
 
 
 @blueprint.get("/moderation/reports/<report_id>")
 def get_report(report_id: str) -> ResponseReturnValue:
-    return service.get_report(session(), policy(), current_user(), report_id)
+    return service.get_report(session(), policy(), current_user(), report_id, object_store())
 
 
 @blueprint.post("/moderation/reports/<report_id>")
@@ -83,4 +89,4 @@ def resolve(report_id: str) -> ResponseReturnValue:
     db.commit()
     if resolution.resolved:
         REPORTS_RESOLVED.labels(body.action).inc(len(resolution.resolved))
-    return service.get_report(db, policy(), user, report_id)
+    return service.get_report(db, policy(), user, report_id, object_store())

@@ -5,6 +5,8 @@ expired while connected, 4400 bad `last_event_id`, 4008 too slow to read its eve
 1009 a frame larger than SWITCHBOARD_STREAM_MAX_FRAME_BYTES, 1008 no pong to our pings.
 A bad client frame (not JSON, nested too deep, NUL or unpaired surrogates, an unknown
 type) is answered with `{type: "error", data: {code, message}}` and the socket stays open.
+So is a frame past the user's frame limit (`[rate_limit.frames]`): `code: rate_limited`,
+with `retry_after` (whole seconds) in `data`; the frame is dropped.
 Frames outside the user's event log (typing, error) carry no `id`.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import socket
 import threading
@@ -30,7 +33,9 @@ from app.auth import load_user, parse_bearer
 from app.events import EVENTS_CHANNEL
 from app.input_checks import parse_untrusted_json
 from app.models import Participant
+from app.policy.schema import RateLimit
 from app.problems import ApiError, BadRequest, NotFound
+from app.ratelimit import UserRateLimiter
 from app.services.access import parse_uuid
 from app.stream.connection import (
     CLOSE_BAD_REQUEST,
@@ -43,6 +48,7 @@ from app.stream.connection import (
 )
 from app.stream.log import EventLog
 from app.stream.sockets import serialize_writes
+from monitoring.metrics import RATE_LIMITED
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("stream", __name__, url_prefix="/v1")
@@ -58,9 +64,49 @@ def _close(ws: Any, code: int, reason: str) -> None:
         ws.close(reason=code, message=reason[:120])
 
 
-def _error_frame(code: str, message: str) -> dict[str, Any]:
+def _error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
     # No `id`: ids number the user's logged events, and an error is not one of them.
-    return {"type": "error", "data": {"code": code, "message": message}}
+    return {"type": "error", "data": {"code": code, "message": message, **extra}}
+
+
+class FrameLimit:
+    """The user's limit on client frames, checked before a frame is even parsed.
+
+    Frames have a budget of their own (`[rate_limit.frames]`) rather than spending the
+    general one: typing follows keystrokes, and a user typing fast must not lose the
+    requests their sends need, nor a burst of sends silence their typing. It is still per
+    user across sockets and web processes, through the same limiter. Once refused, the
+    socket knows when the window frees up (nothing can pass before then, whatever other
+    sockets do), so a flood of frames costs no Redis round trips until then."""
+
+    def __init__(
+        self, limiter: UserRateLimiter | None, tenant_id: str, user_id: str, limit: RateLimit
+    ) -> None:
+        self._limiter, self._limit = limiter, limit
+        self.tenant_id, self.user_id = tenant_id, user_id
+        self._refused_until = 0.0
+
+    def refusal(self) -> dict[str, Any] | None:
+        """None if the frame may be handled; else the error frame to answer (and the frame
+        is dropped)."""
+        if self._limiter is None:
+            return None
+        now = time.monotonic()
+        if now < self._refused_until:
+            RATE_LIMITED.labels("stream_frame").inc()
+            wait = self._refused_until - now
+        else:
+            verdict = self._limiter.hit_frame(self.tenant_id, self.user_id, self._limit)
+            if verdict.allowed:
+                return None
+            wait = verdict.wait
+            self._refused_until = now + wait
+        retry_after = max(1, math.ceil(wait))
+        return _error_frame(
+            "rate_limited",
+            f"Too many frames; this one was dropped; retry in {retry_after} s.",
+            retry_after=retry_after,
+        )
 
 
 class TypingRelay:
@@ -189,6 +235,7 @@ def serve_stream(ws: Any) -> None:
         last_event_id=last_event_id,
         seq_at_connect=seq_at_connect,
         queue_size=settings.stream_queue_size,
+        render=app.extensions["switchboard.event_renderer"],
     )
     # Registered before the writer reads the log: an event committed after the user row
     # was read is either replayed by the writer or announced to it; none falls between.
@@ -196,6 +243,9 @@ def serve_stream(ws: Any) -> None:
     writer = threading.Thread(target=connection.run_writer, name=f"stream-{user_id}", daemon=True)
     writer.start()
     typing = TypingRelay(user_id, tenant_id, event_log)
+    frame_limit = FrameLimit(
+        limiter, tenant_id, user_id, app.extensions["switchboard.policy"].rate_limit_frames
+    )
     expires_at = time.monotonic() + max(0.0, claims.expires_at.timestamp() - time.time())
     try:
         while not connection.finished.is_set():
@@ -208,7 +258,7 @@ def serve_stream(ws: Any) -> None:
             data = ws.receive(timeout=min(remaining, 60.0))
             if data is None:
                 continue
-            reply = handle_client_frame(typing, data)
+            reply = frame_limit.refusal() or handle_client_frame(typing, data)
             if reply is not None:
                 connection.send_frame(reply)
     except ConnectionClosed:

@@ -14,7 +14,14 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
-from app.policy.schema import ALL_AUDIENCE, REPORT_REASONS, BroadcastRule, PolicyModel
+from app.policy.schema import (
+    ALL_AUDIENCE,
+    REPORT_REASONS,
+    AttachmentsSection,
+    BroadcastRule,
+    PolicyModel,
+    RateLimit,
+)
 
 # Rollout buckets: 10,000 of them gives 0.01 % steps, finer than anyone sets a rollout.
 _ROLLOUT_BUCKETS = 10_000
@@ -70,6 +77,7 @@ class Policy:
         "_rollout_percent",
         "_rollout_salt",
         "_start",
+        "attachments",
         "conversation_page_size",
         "default_tier",
         "downgrade_grace_days",
@@ -80,7 +88,9 @@ class Policy:
         "name",
         "purge_after_days",
         "purge_daily_at",
+        "rate_limit_actions",
         "rate_limit_burst",
+        "rate_limit_frames",
         "rate_limit_per_second",
         "roles",
         "soft_delete_daily_at",
@@ -104,11 +114,17 @@ class Policy:
     subject_required: bool
     rate_limit_per_second: float
     rate_limit_burst: int
+    # Action name -> its own limit, for the actions the policy limits (app/web.py names
+    # each action's endpoints); the stream's client frames' limit.
+    rate_limit_actions: Mapping[str, RateLimit]
+    rate_limit_frames: RateLimit
     downgrade_grace_days: int
     purge_after_days: int
     # UTC "HH:MM" of the daily retention jobs; None: they run every hour.
     soft_delete_daily_at: str | None
     purge_daily_at: str | None
+    # The [attachments] section as it is (enabled, allowed_types, max_bytes, ...).
+    attachments: AttachmentsSection
     _start: Mapping[tuple[str, str], frozenset[str]]
     _reply_roles: frozenset[str]
     _retention: Mapping[str, int]
@@ -135,10 +151,15 @@ class Policy:
         init(self, "subject_required", model.conversations.subject_required)
         init(self, "rate_limit_per_second", float(model.rate_limit.per_second))
         init(self, "rate_limit_burst", model.rate_limit.burst)
+        # Iterating a pydantic model gives (field name, value): here (action, limit or None).
+        actions = {name: limit for name, limit in model.rate_limit.actions if limit is not None}
+        init(self, "rate_limit_actions", MappingProxyType(actions))
+        init(self, "rate_limit_frames", model.rate_limit.frames)
         init(self, "downgrade_grace_days", model.retention.downgrade_grace_days)
         init(self, "purge_after_days", model.retention.purge_after_days)
         init(self, "soft_delete_daily_at", model.retention.soft_delete_at)
         init(self, "purge_daily_at", model.retention.purge_at)
+        init(self, "attachments", model.attachments)
 
         # Precompute the start matrix per (role, tier) so a check is one dict lookup.
         start: dict[tuple[str, str], set[str]] = {
@@ -258,9 +279,15 @@ class Policy:
 
     # ------------------------------------------------------------------ message shape
 
-    def check_body(self, body: str) -> Decision:
-        """Length is counted in code points, as PostgreSQL's length() counts characters."""
-        if not body.strip():
+    def check_body(self, body: str, attachment_count: int = 0) -> Decision:
+        """Length is counted in code points, as PostgreSQL's length() counts characters.
+        A message with attachments may have an empty body (a photo on its own)."""
+        if attachment_count > self.attachments.max_per_message:
+            return _refuse(
+                "too_many_attachments",
+                f"A message may carry at most {self.attachments.max_per_message} attachments.",
+            )
+        if not body.strip() and not attachment_count:
             return _refuse("empty_message", "A message cannot be empty.")
         if len(body) > self.max_message_length:
             return _refuse(

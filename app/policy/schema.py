@@ -126,9 +126,53 @@ class ModerationSection(_Section):
     extra_reasons: list[Name] = Field(default_factory=list, max_length=50)
 
 
+class RateLimit(_Section):
+    """About `per_second` a second with bursts of `burst` (app/ratelimit.py)."""
+
+    per_second: float = Field(gt=0, le=100_000)
+    burst: int = Field(ge=1, le=1_000_000)
+
+
+class RateLimitActions(_Section):
+    """Per-action limits, each spent *as well as* the general one: only one tighter than
+    it has any effect. An action left out has no limit of its own. (The API endpoints of
+    each action: RATE_LIMITED_ACTIONS in app/web.py.)"""
+
+    send: RateLimit | None = None
+    start_conversation: RateLimit | None = None
+    report: RateLimit | None = None
+    attachment: RateLimit | None = None
+    broadcast: RateLimit | None = None
+
+
 class RateLimitSection(_Section):
+    # The general limit: every /v1/* request and stream connect.
     per_second: float = Field(default=10.0, gt=0, le=100_000)
     burst: int = Field(default=20, ge=1, le=1_000_000)
+    actions: RateLimitActions = Field(default_factory=RateLimitActions)
+    # Client frames on /v1/stream (typing): a budget of their own, not the general one.
+    frames: RateLimit = Field(default_factory=lambda: RateLimit(per_second=10.0, burst=20))
+
+
+#: The image types the worker can verify by their bytes; a policy allows some of them.
+ATTACHMENT_TYPES: tuple[str, ...] = ("image/jpeg", "image/png", "image/webp")
+AttachmentType = Literal["image/jpeg", "image/png", "image/webp"]
+
+
+class AttachmentsSection(_Section):
+    """Image attachments on direct messages, kept in the deployment's S3 bucket."""
+
+    enabled: bool = False
+    allowed_types: list[AttachmentType] = Field(
+        default_factory=lambda: list(ATTACHMENT_TYPES), min_length=1
+    )
+    # The store itself refuses a bigger upload (the presigned POST's content-length-range).
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
+    max_per_message: int = Field(default=4, ge=1, le=20)
+    # Width times height; a decompression bomb is refused before it is decoded.
+    max_pixels: int = Field(default=40_000_000, ge=10_000, le=200_000_000)
+    # The thumbnail's longer side, in pixels.
+    thumbnail_size: int = Field(default=320, ge=32, le=2048)
 
 
 class RolloutSection(_Section):
@@ -157,6 +201,7 @@ class PolicyModel(_Section):
     moderation: ModerationSection = Field(default_factory=ModerationSection)
     rate_limit: RateLimitSection = Field(default_factory=RateLimitSection)
     rollout: RolloutSection = Field(default_factory=RolloutSection)
+    attachments: AttachmentsSection = Field(default_factory=AttachmentsSection)
 
 
 # --------------------------------------------------------------------------- errors
@@ -283,6 +328,9 @@ def cross_check(model: PolicyModel) -> list[str]:
             problems.append(f"moderation.extra_reasons: {reason!r} is already a built-in reason")
     for dupe in _duplicates(model.moderation.extra_reasons):
         problems.append(f"moderation.extra_reasons: {dupe!r} listed twice")
+
+    for dupe in _duplicates(model.attachments.allowed_types):
+        problems.append(f"attachments.allowed_types: {dupe!r} listed twice")
 
     if model.rollout.mode == "percent" and model.rollout.percent is None:
         problems.append("rollout.percent: required when mode is 'percent'")

@@ -147,6 +147,7 @@ def _summary_query(variant: str) -> Select:
             last.deleted_at.label("last_deleted_at"),
             last.delete_reason.label("last_delete_reason"),
             func.left(last.body, PREVIEW_LENGTH).label("last_preview"),
+            last.attachment_count.label("last_attachment_count"),
             people.label("people"),
         )
         .join(Conversation, Conversation.id == Participant.conversation_id)
@@ -331,6 +332,8 @@ def _summary_json(row: Any, viewer_id: str) -> dict[str, Any]:
             "created_at": _iso(row.last_created_at),
             "deleted": deleted,
             "preview": None if deleted else row.last_preview,
+            # A photo sent alone has an empty preview: a client shows "Photo" instead.
+            "attachment_count": 0 if deleted else row.last_attachment_count,
         }
     people = row.people or []
     return {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,6 +25,14 @@ from app.services.access import (
     other_participants,
     parse_uuid,
 )
+from app.services.attachments import (
+    attachments_of_messages,
+    delete_with_messages,
+    ready_attachments_for_event,
+    rejected_attachments,
+    release_attachments,
+)
+from app.storage import ObjectStore
 from monitoring.metrics import MESSAGES
 
 log = logging.getLogger(__name__)
@@ -36,16 +45,24 @@ def message_id_for(sender_id: str, client_id: str) -> uuid.UUID:
     return uuid.uuid5(MESSAGE_ID_NAMESPACE, f"{sender_id}\x1f{client_id}")
 
 
-def body_digest(body: str) -> str:
-    return hashlib.sha256(body.encode()).hexdigest()
+def body_digest(body: str, attachment_ids: Sequence[uuid.UUID] = ()) -> str:
+    """What a retried send must repeat to be the same send: its body and attachments
+    (a send without attachments digests as it did before they existed)."""
+    content = body if not attachment_ids else "\x1f".join([body, *map(str, attachment_ids)])
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 def decide_send(
-    session: Session, policy: Policy, sender: User, conversation_id: uuid.UUID, body: str
+    session: Session,
+    policy: Policy,
+    sender: User,
+    conversation_id: uuid.UUID,
+    body: str,
+    attachment_count: int = 0,
 ) -> Decision:
-    """May `sender` send `body` in this conversation? The API's pre-check and the
-    worker's authoritative check both ask this."""
-    body_check = policy.check_body(body)
+    """May `sender` send `body` (with this many attachments) in this conversation? The
+    API's pre-check and the worker's authoritative check both ask this."""
+    body_check = policy.check_body(body, attachment_count)
     if not body_check:
         return body_check
     for recipient in other_participants(session, conversation_id, sender.id):
@@ -66,12 +83,18 @@ class StoreResult:
 
 
 # The send as the API recorded it, read without a lock (to learn its conversation).
-_QUEUED_SEND = select(Message.conversation_id, Message.status).where(
+_QUEUED_SEND = select(Message.conversation_id, Message.status, Message.attachment_count).where(
     Message.id == bindparam("message_id")
 )
 
 
-def store_message(session: Session, policy: Policy, message_id: str | uuid.UUID) -> StoreResult:
+def store_message(
+    session: Session,
+    policy: Policy,
+    message_id: str | uuid.UUID,
+    *,
+    check_attachments: Callable[[uuid.UUID], object] | None = None,
+) -> StoreResult:
     """Decide one accepted send and store (or reject) it, exactly once however often
     it is run.
 
@@ -91,6 +114,10 @@ def store_message(session: Session, policy: Policy, message_id: str | uuid.UUID)
     if found.status != "queued":
         MESSAGES.labels("duplicate").inc()
         return StoreResult(message_id, "duplicate")
+    if found.attachment_count and check_attachments is not None:
+        # Downloading and decoding images takes a while: done before any lock is taken,
+        # so other sends in the conversation do not wait for it.
+        check_attachments(message_id)
 
     conversation = session.scalars(
         select(Conversation).where(Conversation.id == found.conversation_id).with_for_update()
@@ -107,7 +134,18 @@ def store_message(session: Session, policy: Policy, message_id: str | uuid.UUID)
     if session.get(Participant, (conversation.id, sender.id)) is None:
         decision = Decision(False, "conversation_not_found", "You are not in this conversation.")
     else:
-        decision = decide_send(session, policy, sender, conversation.id, message.body or "")
+        decision = decide_send(
+            session, policy, sender, conversation.id, message.body or "", message.attachment_count
+        )
+    if decision and message.attachment_count:
+        # The worker checked the bytes before taking these locks (check_message_attachments).
+        failed = rejected_attachments(session, message.id)
+        if failed:
+            decision = Decision(
+                False,
+                "attachment_invalid",
+                "; ".join(f"Attachment {item['id']}: {item['reason']}" for item in failed),
+            )
     if not decision:
         _reject(session, message, decision)
         return StoreResult(message_id, "rejected")
@@ -141,11 +179,14 @@ def store_message(session: Session, policy: Policy, message_id: str | uuid.UUID)
         )
         .returning(Participant.user_id)
     ).all()
+    attachments = (
+        ready_attachments_for_event(session, message.id) if message.attachment_count else []
+    )
     append_events(
         session,
         recipients,
         "message.created",
-        message_json(message) | {"accepted_at": now.isoformat()},
+        message_json(message, attachments) | {"accepted_at": now.isoformat()},
     )
     MESSAGES.labels("stored").inc()
     return StoreResult(message_id, "stored")
@@ -156,18 +197,18 @@ def _reject(session: Session, message: Message, decision: Decision) -> None:
     message.status, message.body = "rejected", None
     message.rejection_reason = decision.rule
     message.decided_at = session.scalar(select(func.clock_timestamp()))
-    append_events(
-        session,
-        [message.sender_id],
-        "message.rejected",
-        {
-            "id": str(message.id),
-            "conversation_id": str(message.conversation_id),
-            "client_id": message.client_id,
-            "reason": decision.rule,
-            "message": decision.reason,
-        },
-    )
+    data = {
+        "id": str(message.id),
+        "conversation_id": str(message.conversation_id),
+        "client_id": message.client_id,
+        "reason": decision.rule,
+        "message": decision.reason,
+    }
+    if message.attachment_count:
+        if decision.rule == "attachment_invalid":
+            data["attachments"] = rejected_attachments(session, message.id)
+        release_attachments(session, message.id)
+    append_events(session, [message.sender_id], "message.rejected", data)
     MESSAGES.labels("rejected").inc()
 
 
@@ -236,7 +277,13 @@ _HISTORY_QUERIES = {variant: _history_query(variant) for variant in ("first", "b
 
 
 def history(
-    session: Session, user: User, conversation_id: str, *, limit: int, before: str | None
+    session: Session,
+    user: User,
+    conversation_id: str,
+    *,
+    limit: int,
+    before: str | None,
+    store: ObjectStore | None = None,
 ) -> dict[str, Any]:
     """Messages newest first; `before` is a message id (the previous page's `next_cursor`)."""
     values: dict[str, Any] = {
@@ -264,8 +311,9 @@ def history(
                 "before: no such message in this conversation.", code="message_not_found"
             )
     page = rows[:limit]
+    attachments = attachments_of_messages(session, store, page)
     return {
-        "items": [message_json(row) for row in page],
+        "items": [message_json(row, attachments.get(row.id)) for row in page],
         "next_cursor": str(page[-1].id) if len(rows) > limit else None,
     }
 
@@ -311,6 +359,8 @@ def soft_delete_message(
     now = session.scalar(select(func.clock_timestamp()))
     message.deleted_at, message.deleted_by = now, actor_id
     message.delete_reason, message.body = reason, None
+    if message.attachment_count:
+        delete_with_messages(session, [message.id])
     # Recipients who had not read it yet have one unread message fewer.
     session.execute(
         update(Participant)
@@ -347,8 +397,20 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
-def message_json(message: Any) -> dict[str, Any]:
-    """A message (an ORM object or a row of its columns) as the API shows it."""
+def message_with_attachments(
+    session: Session, store: ObjectStore | None, message: Message, viewer: User
+) -> dict[str, Any]:
+    """One message as the API shows it, its attachments signed for `viewer` (the sender
+    of a rejected send also sees the attachments that were refused, and why)."""
+    attachments = attachments_of_messages(
+        session, store, [message], include_unready=message.sender_id == viewer.id
+    )
+    return message_json(message, attachments.get(message.id))
+
+
+def message_json(message: Any, attachments: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A message (an ORM object or a row of its columns) as the API shows it, with its
+    `attachments` as given (see app/services/attachments.py; [] for none)."""
     deleted = None
     if message.deleted_at is not None:
         deleted = {"at": _iso(message.deleted_at), "reason": message.delete_reason}
@@ -362,6 +424,7 @@ def message_json(message: Any) -> dict[str, Any]:
         "created_at": _iso(message.created_at),
         "expires_at": _iso(message.expires_at),
         "deleted": deleted,
+        "attachments": attachments if attachments and message.deleted_at is None else [],
     }
     if message.status == "rejected":
         data["reason"] = message.rejection_reason

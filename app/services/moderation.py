@@ -36,8 +36,10 @@ from app.models import AuditLog, Conversation, Message, Report, User
 from app.policy import Policy
 from app.problems import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge
 from app.services.access import actor, parse_uuid
+from app.services.attachments import attachments_of_messages
 from app.services.messages import message_json, soft_delete_message, visible_message
 from app.services.pagination import decode_cursor, encode_cursor
+from app.storage import ObjectStore
 
 #: Longest note a reporter or a moderator may write, in characters.
 NOTE_MAX_LENGTH = 1000
@@ -153,8 +155,15 @@ def _person(user: User) -> dict[str, Any]:
     return {"id": user.id, "display_name": user.display_name, "role": user.role}
 
 
-def moderation_json(report: Report, message: Message, reporter: User, sender: User) -> dict:
-    """A report as moderators see it: with the message, body included while it exists."""
+def moderation_json(
+    report: Report,
+    message: Message,
+    reporter: User,
+    sender: User,
+    attachments: list[dict[str, Any]] | None = None,
+) -> dict:
+    """A report as moderators see it: with the message, body and photos included while
+    they exist (a moderator may see a reported photo without being in the conversation)."""
     resolution = None
     if report.status != "pending":
         resolution = {
@@ -166,7 +175,7 @@ def moderation_json(report: Report, message: Message, reporter: User, sender: Us
     return report_json(report) | {
         "reporter": _person(reporter),
         "sender": _person(sender),
-        "message": message_json(message),
+        "message": message_json(message, attachments),
         "resolution": resolution,
     }
 
@@ -192,6 +201,7 @@ def list_reports(
     status: QueueStatus,
     limit: int,
     cursor: str | None,
+    store: ObjectStore | None = None,
 ) -> dict[str, Any]:
     """The tenant's reports, oldest first, one keyset page by (created_at, id)."""
     _require_moderator(policy, moderator)
@@ -208,10 +218,20 @@ def list_reports(
     next_cursor = None
     if len(rows) > limit:
         next_cursor = encode_cursor(page[-1].Report.created_at, page[-1].Report.id)
-    return {"items": [moderation_json(*row) for row in page], "next_cursor": next_cursor}
+    attachments = attachments_of_messages(session, store, [row.Message for row in page])
+    return {
+        "items": [moderation_json(*row, attachments.get(row.Message.id)) for row in page],
+        "next_cursor": next_cursor,
+    }
 
 
-def get_report(session: Session, policy: Policy, moderator: User, report_id: str) -> dict:
+def get_report(
+    session: Session,
+    policy: Policy,
+    moderator: User,
+    report_id: str,
+    store: ObjectStore | None = None,
+) -> dict:
     """One report of the moderator's tenant, as the queue shows it."""
     _require_moderator(policy, moderator)
     row = session.execute(
@@ -219,7 +239,8 @@ def get_report(session: Session, policy: Policy, moderator: User, report_id: str
     ).first()
     if row is None:
         raise NotFound("No such report.", code="report_not_found")
-    return moderation_json(*row)
+    attachments = attachments_of_messages(session, store, [row.Message])
+    return moderation_json(*row, attachments.get(row.Message.id))
 
 
 def resolve_report(

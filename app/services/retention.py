@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from app.events import append_events
 from app.models import AuditLog, Message
 from app.policy import Policy
+from app.services.attachments import delete_with_messages
 from app.services.messages import message_json
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ def soft_delete_expired(session: Session, now: datetime, *, limit: int = SOFT_DE
         return 0
     deleted = [row.id for row in rows]
     session.execute(_CORRECT_UNREAD, {"ids": deleted})
+    # Their photos go with them (objects deleted by a task after commit).
+    delete_with_messages(session, [row.id for row in rows if row.attachment_count])
     session.execute(
         insert(AuditLog),
         [

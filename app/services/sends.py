@@ -17,7 +17,7 @@ cannot succeed (`reject_send`), or after `MAX_DISPATCHES` re-enqueues.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,7 +30,9 @@ from app.models import Message, User
 from app.policy import Decision, Policy
 from app.problems import ApiError, BadRequest, Conflict, Forbidden, PayloadTooLarge
 from app.services.access import member_conversation
+from app.services.attachments import check_attachment_ids, check_for_send, claim_for_send
 from app.services.messages import body_digest, decide_send, message_id_for, reject_send
+from app.storage import ObjectStore
 from monitoring.metrics import SENDS_REDISPATCHED
 
 # A send still queued this long after it was accepted (or last re-enqueued) is enqueued
@@ -55,8 +57,8 @@ def refusal(decision: Decision) -> ApiError:
     """The HTTP error for a refused decision: 413 too long, 400 bad body, else 403."""
     if decision.rule == "message_too_long":
         return PayloadTooLarge(decision.reason, code="message_too_long")
-    if decision.rule == "empty_message":
-        return BadRequest(decision.reason, code="empty_message")
+    if decision.rule in ("empty_message", "too_many_attachments"):
+        return BadRequest(decision.reason, code=decision.rule)
     return Forbidden(decision.reason, code=decision.rule or "forbidden")
 
 
@@ -73,12 +75,18 @@ def accept_send(
     body: str,
     client_id: str,
     enqueue: Callable[[uuid.UUID], None],
+    *,
+    attachment_ids: Sequence[str] = (),
+    store: ObjectStore | None = None,
 ) -> AcceptedSend:
-    """Check a send the cheap way and record it as queued; `enqueue(message_id)` runs
-    after the caller commits. The same client id with the same body gives the same id
-    (and no second row); with another body or conversation it is a 409."""
+    """Check a send the cheap way and record it as queued, with the sender's uploads
+    in `attachment_ids` claimed for it; `enqueue(message_id)` runs after the caller
+    commits. The same client id with the same body and attachments gives the same id
+    (and no second row); with another body, attachments or conversation it is a 409."""
     conversation, _ = member_conversation(session, sender, conversation_id)
-    message_id, digest = message_id_for(sender.id, client_id), body_digest(body)
+    attachments = check_attachment_ids(policy, attachment_ids)
+    message_id = message_id_for(sender.id, client_id)
+    digest = body_digest(body, attachments)
 
     def earlier_send() -> AcceptedSend | None:
         earlier = session.execute(_EARLIER_SEND, {"message_id": message_id}).first()
@@ -95,9 +103,10 @@ def accept_send(
 
     if (repeat := earlier_send()) is not None:
         return repeat
-    decision = decide_send(session, policy, sender, conversation.id, body)
+    decision = decide_send(session, policy, sender, conversation.id, body, len(attachments))
     if not decision:
         raise refusal(decision)
+    check_for_send(session, store, sender, message_id, attachments)
     inserted = session.execute(
         insert(Message)
         .values(
@@ -110,6 +119,7 @@ def accept_send(
             body_sha256=digest,
             status="queued",
             created_at=func.clock_timestamp(),
+            attachment_count=len(attachments),
         )
         .on_conflict_do_nothing(index_elements=["sender_id", "client_id"])
         .returning(Message.id)
@@ -120,6 +130,7 @@ def accept_send(
         if repeat is None:  # READ COMMITTED shows the committed row that conflicted
             raise RuntimeError(f"send {message_id} conflicted with a row it cannot see")
         return repeat
+    claim_for_send(session, message_id, attachments)
     after_commit(session, lambda: enqueue(message_id))
     return AcceptedSend(message_id, "queued")
 

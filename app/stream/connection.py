@@ -16,6 +16,7 @@ import logging
 import queue
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -64,8 +65,12 @@ class StreamConnection:
         last_event_id: int | None,
         seq_at_connect: int,
         queue_size: int,
+        render: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.ws = ws
+        # Turns an event's data as logged into what the socket is sent (signs attachment
+        # URLs, which are never stored).
+        self._render = render
         self.user_id = user_id
         self.last_seq = 0
         self._log = event_log
@@ -196,7 +201,8 @@ class StreamConnection:
             self.ws.send(f'{{"id":{int(seq)},"type":{json.dumps(type_)},"data":{encoded_data}}}')
             EVENTS_DELIVERED.labels(type_).inc()
         else:
-            self._write({"id": seq, "type": type_, "data": data})
+            shown = self._render(type_, data) if self._render is not None else data
+            self._write({"id": seq, "type": type_, "data": shown})
         self.last_seq = seq
         if live and type_ == "message.created" and data.get("accepted_at"):
             try:
