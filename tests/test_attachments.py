@@ -295,6 +295,18 @@ def test_upload_requests_are_checked(client, auth, people, app):
     assert error_code(client.post("/v1/attachments", json={})) == (401, "missing_token")
 
 
+def test_a_policy_with_attachments_needs_a_bucket(database_url, redis_url):
+    from app import create_app
+    from app.settings import SettingsError
+    from tests.conftest import settings_for
+
+    settings = settings_for(
+        database_url, redis_url, SWITCHBOARD_POLICY="marketplace", SWITCHBOARD_S3_BUCKET=""
+    )
+    with pytest.raises(SettingsError, match="SWITCHBOARD_S3_BUCKET: is required"):
+        create_app(settings)
+
+
 @pytest.mark.parametrize("policy_name", ["bookstore"])
 def test_presets_without_attachments_refuse_them(client, auth, make_user):
     alice, bob = make_user("alice", role="manager"), make_user("bob", role="member")

@@ -27,7 +27,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -142,11 +142,12 @@ def request_upload(
     session.add(attachment)
     session.flush()
     ATTACHMENT_UPLOADS.inc()
-    now = session.scalar(select(func.now()))
+    # The store checks the policy's expiry against the time boto3 signed it with: ours.
+    expires_at = datetime.now(UTC) + timedelta(seconds=store.upload_ttl_seconds)
     presigned = store.presigned_upload(object_key(attachment.id), upload.content_type, upload.size)
     return attachment_json(attachment, store) | {
         "upload": {"method": "POST", "url": presigned["url"], "fields": presigned["fields"]},
-        "expires_at": (now + timedelta(seconds=store.upload_ttl_seconds)).isoformat(),
+        "expires_at": expires_at.isoformat(),
     }
 
 
