@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import hmac
 import re
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+from cachetools import TLRUCache
 from jwt.exceptions import InvalidSubjectError
 from sqlalchemy.orm import Session
 
@@ -46,6 +49,15 @@ def _refuse(message: str, code: str = "invalid_token") -> Unauthorized:
     return Unauthorized(message, code=code)
 
 
+#: Verified tokens kept per process: a client sends the same token with every request
+#: for its lifetime, and checking its signature again each time is wasted work.
+VERIFIED_TOKENS_KEPT = 4096
+
+
+def _wall_clock() -> float:
+    return time.time()
+
+
 class TokenVerifier:
     def __init__(self, settings: Settings) -> None:
         self._key = settings.jwt_verification_key
@@ -53,12 +65,31 @@ class TokenVerifier:
         self._issuer = settings.jwt_issuer
         self._audience = settings.jwt_audience
         self._leeway = settings.jwt_leeway_seconds
+        # Only tokens that passed every check, each until its own `exp` (then it is
+        # checked again, leeway and all); a refusal is never kept, so a token cannot be
+        # "remembered" as valid by anything but a successful verification.
+        self._verified: TLRUCache[str, TokenClaims] = TLRUCache(
+            maxsize=VERIFIED_TOKENS_KEPT,
+            ttu=lambda _token, claims, _now: claims.expires_at.timestamp(),
+            timer=_wall_clock,
+        )
+        self._lock = threading.Lock()
 
     def verify(self, token: str) -> TokenClaims:
-        """Return the token's claims, or raise `Unauthorized` saying what is wrong.
+        """Return the token's claims, or raise `Unauthorized` saying what is wrong."""
+        with self._lock:
+            claims = self._verified.get(token)
+        if claims is not None:
+            return claims
+        claims = self._verify(token)
+        with self._lock:
+            self._verified[token] = claims
+        return claims
 
-        A correctly signed token may still carry claims of any JSON type: each one we
-        use is type-checked here, so an odd one is a 401, never an error further on."""
+    def _verify(self, token: str) -> TokenClaims:
+        """The checks themselves. A correctly signed token may still carry claims of any
+        JSON type: each one we use is type-checked here, so an odd one is a 401, never
+        an error further on."""
         if len(token) > MAX_TOKEN_LENGTH or not _COMPACT_TOKEN.fullmatch(token):
             raise _refuse(_MALFORMED)
         options = {"require": ["exp", "sub"], "verify_aud": self._audience is not None}

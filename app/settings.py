@@ -171,6 +171,11 @@ class Settings(BaseModel):
         default=300, ge=10, le=86_400, validation_alias=_env("SWITCHBOARD_S3_URL_TTL_SECONDS")
     )
 
+    # Celery's "Task ... received" / "succeeded in" INFO lines, one pair per task: off by
+    # default (at a few hundred messages a second they are most of a worker's log and a
+    # measurable share of its CPU); task failures and retries are logged either way.
+    task_log_lines: bool = Field(default=False, validation_alias=_env("SWITCHBOARD_TASK_LOG_LINES"))
+
     @field_validator("aws_region", mode="before")
     @classmethod
     def _empty_region_is_default(cls, value: object) -> object:

@@ -175,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
             "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
             "SWITCHBOARD_POLICY": "marketplace",
             "SWITCHBOARD_LOG_LEVEL": "WARNING",
+            # The worker's "succeeded in" lines give its task time (TASK_LINE).
+            "SWITCHBOARD_TASK_LOG_LINES": "true",
             "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
             "SWITCHBOARD_BIND_HOST": "127.0.0.1",
         } | s3.start()

@@ -176,3 +176,64 @@ def test_rs256_with_a_public_key(app_factory, make_user, clean_state):
     # With RS256 configured, an HMAC-signed token is refused whatever its key.
     response = get(client, "/v1/me", encode(claims, algorithm="HS256", key="x" * 40))
     assert (response.status_code, response.json["error"]["code"]) == (401, "invalid_token")
+
+
+def test_a_verified_token_is_kept_until_it_expires_and_a_refused_one_never(monkeypatch):
+    """The signature is checked once per token and process, not once per request; an
+    entry goes at the token's `exp` (then the full check answers token_expired), and a
+    refusal is checked anew every time."""
+    from app.auth import TokenVerifier
+    from app.problems import Unauthorized
+    from app.settings import load_settings
+    from tests.conftest import SERVICE_TOKEN
+
+    settings = load_settings(
+        {
+            "DATABASE_URL": "postgresql://unused/db",
+            "REDIS_URL": "redis://unused:6379/0",
+            "SWITCHBOARD_SERVICE_TOKEN": SERVICE_TOKEN,
+            "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
+            "SWITCHBOARD_JWT_LEEWAY_SECONDS": "0",
+        }
+    )
+    clock = [datetime.now(UTC).timestamp()]
+    monkeypatch.setattr("app.auth._wall_clock", lambda: clock[0])
+    verifier = TokenVerifier(settings)
+    decoded: list[str] = []
+    real_decode = jwt.decode
+
+    def counting_decode(token, *args, **kwargs):
+        decoded.append(token)
+        return real_decode(token, *args, **kwargs)
+
+    monkeypatch.setattr("app.auth.jwt.decode", counting_decode)
+    exp = datetime.now(UTC) + timedelta(seconds=60)
+    token = encode({"sub": "alice", "tenant": "t1", "exp": exp})
+    first, second = verifier.verify(token), verifier.verify(token)
+    assert first == second and first.user_id == "alice" and len(decoded) == 1
+
+    bad = encode({"sub": "alice", "tenant": "t1", "exp": exp}, key="x" * 40)
+    for _ in range(2):
+        with pytest.raises(Unauthorized):
+            verifier.verify(bad)
+    assert len(decoded) == 3
+
+    # Past its exp the kept entry is gone and the full check refuses the token.
+    clock[0] = exp.timestamp() + 1
+    monkeypatch.setattr("jwt.api_jwt.datetime", _FrozenDatetime(clock[0]))
+    with pytest.raises(Unauthorized, match="expired"):
+        verifier.verify(token)
+    assert len(decoded) == 4
+
+
+class _FrozenDatetime:
+    """PyJWT's `datetime`, stopped at a moment (it reads datetime.now(tz=timezone.utc))."""
+
+    def __init__(self, moment: float) -> None:
+        self._moment = moment
+
+    def now(self, tz=None):
+        return datetime.fromtimestamp(self._moment, tz)
+
+    def __getattr__(self, name):
+        return getattr(datetime, name)

@@ -136,6 +136,34 @@ def test_worker_and_web_metrics(live, chat):
     assert "switchboard_sockets_open" in web
 
 
+def test_the_worker_logs_no_line_per_task_by_default(live, chat):
+    """SWITCHBOARD_TASK_LOG_LINES is off: no "received" / "succeeded in" pair per send."""
+    tokens, conversation_id = chat
+    stream = Stream(live.ws_url(), tokens["bob"], last_event_id=0)
+    try:
+        send(live, tokens["alice"], conversation_id, "quietly")
+        stream.events(1)
+    finally:
+        stream.close()
+    log = live.worker.log_path.read_text()
+    # (The start-up banner lists the task names; the per-task lines say "[<task id>]".)
+    assert "succeeded in" not in log and "] received" not in log, log[-2000:]
+
+
+def test_task_lines_come_back_when_asked_for():
+    import logging
+
+    from workers.celery_app import TASK_LINE_LOGGERS, quiet_task_lines
+
+    try:
+        quiet_task_lines(False)
+        assert all(logging.getLogger(n).level == logging.NOTSET for n in TASK_LINE_LOGGERS)
+        quiet_task_lines(True)
+        assert all(logging.getLogger(n).level == logging.WARNING for n in TASK_LINE_LOGGERS)
+    finally:
+        quiet_task_lines(True)
+
+
 def test_two_web_processes_both_deliver(live, chat):
     tokens, conversation_id = chat
     on_first = Stream(live.ws_url(0), tokens["bob"], last_event_id=0)

@@ -204,6 +204,7 @@ def init_celery(flask_app: Flask, settings: Settings) -> Celery:
         enable_utc=True,
         worker_hijack_root_logger=False,
     )
+    quiet_task_lines(not settings.task_log_lines)
     # Transport-specific: Redis's visibility timeout, RabbitMQ's confirms and heartbeats.
     celery.conf.update(**broker_options(settings))
     patch_kombu_redis_restore()
@@ -216,6 +217,18 @@ def init_celery(flask_app: Flask, settings: Settings) -> Celery:
     import workers.tasks  # noqa: F401
 
     return celery
+
+
+# Celery's loggers of the per-task INFO lines: "Task X[id] received" and "... succeeded in".
+TASK_LINE_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def quiet_task_lines(quiet: bool) -> None:
+    """Drop (or keep) the per-task INFO lines; set before the worker starts, which is
+    when Celery asks whether they are on. Warnings and errors (a failed task, a retry)
+    are logged either way."""
+    for name in TASK_LINE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
 def enqueue_after_commit(session: Session, task: Task, *args: Any, **options: Any) -> None:
