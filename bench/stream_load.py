@@ -310,18 +310,23 @@ class CpuMeter:
     def begin(self) -> None:
         self.start = self.sample()
 
-    def report(self) -> str:
+    def measure(self) -> dict[str, Any]:
+        """Since `begin()`: CPU seconds of each process group ("used"), the machine's busy
+        CPU seconds ("busy", all cores) and the wall seconds ("wall")."""
         end = self.sample()
-        tick = os.sysconf("SC_CLK_TCK")
-        wall = max(1e-9, end["wall"] - self.start["wall"])
-        cores = os.cpu_count() or 1
         used = {}
         for name, now in end["per_pid"].items():
             then = self.start["per_pid"].get(name, {})
             used[name] = sum(
                 value - then.get(pid, 0.0) for pid, value in now.items() if value == value
             )
-        busy = (end["busy"] - self.start["busy"]) / tick
+        busy = (end["busy"] - self.start["busy"]) / os.sysconf("SC_CLK_TCK")
+        return {"used": used, "busy": busy, "wall": max(1e-9, end["wall"] - self.start["wall"])}
+
+    def report(self, measured: dict[str, Any] | None = None) -> str:
+        measured = measured or self.measure()
+        used, busy, wall = measured["used"], measured["busy"], measured["wall"]
+        cores = os.cpu_count() or 1
         other = busy - sum(used.values())
         parts = [f"{name} {cpu:.1f}s ({cpu / wall:.0%})" for name, cpu in used.items()]
         text = (
@@ -1163,55 +1168,28 @@ def phase_open(
     return still_open
 
 
-def phase_steady(
-    args: argparse.Namespace,
-    clients: Clients,
-    port: int,
-    tokens: list[str],
-    conversations: list[str],
-    open_users: set[int],
-    meter: CpuMeter,
-    sequences: dict[int, list[int]],
-    tag: str,
-    worker_metrics_port: int,
-) -> dict[str, Any]:
-    print("\n== 2. Send-to-socket latency at a steady rate")
-    pairs = [p for p in range(len(conversations)) if {2 * p, 2 * p + 1} <= open_users]
-    if not pairs:
-        print("no pair of users with both sockets open: skipped")
-        return {}
-
-    def job(index: int, prefix: str) -> tuple[str, str, str, int, int]:
+def plan_sends(
+    pairs: list[int], tokens: list[str], conversations: list[str], prefix: str, count: int
+) -> list[tuple[str, str, str, int, int]]:
+    """`count` sends (token, conversation id, client id, sender, recipient) round the pairs
+    (conversation p is user 2p with 2p+1), each pair's two users taking turns to send."""
+    plan = []
+    for index in range(count):
         pair = pairs[index % len(pairs)]
         sender = 2 * pair + (index // len(pairs)) % 2
-        recipient = sender ^ 1
-        return tokens[sender], conversations[pair], f"{prefix}-{index}", sender, recipient
+        plan.append((tokens[sender], conversations[pair], f"{prefix}-{index}", sender, sender ^ 1))
+    return plan
 
-    # Warm-up: the Celery worker's first tasks, the sender's connections.
-    if args.warmup_sends:
-        warm = [job(i, f"{tag}w") for i in range(args.warmup_sends)]
-        clients.mark(f'"{tag}w-'.encode())
-        send_steady(port, [w[:3] for w in warm], min(args.rate, 50.0), 4, "warm-up")
-        wait_frames(clients, 2 * len(warm), 60.0, 0.1)
-        parse_records(clients.collect(), sequences)
 
-    count = int(args.rate * args.duration)
-    plan = [job(i, f"{tag}m") for i in range(count)]
+def tally_sends(
+    plan: list[tuple[str, str, str, int, int]], sends: Sends, frames: list[tuple[int, float, dict]]
+) -> dict[str, Any]:
+    """Match the frames to the planned sends: latencies (from the moment each send was
+    issued; from its scheduled time too), accepted sends whose recipient (or sender's echo)
+    frame is missing, duplicates, the sender's lag behind schedule and HTTP times."""
+    count = len(plan)
     by_client_id = {p[2]: i for i, p in enumerate(plan)}
-    before = scrape(port)
-    task_before = scrape(worker_metrics_port)
-    clients.mark(f'"{tag}m-'.encode())
-    meter.begin()
-    sends = send_steady(port, [p[:3] for p in plan], args.rate, args.sender_threads, "hello")
-    sent_wall = max(sends.done or [0]) - min(sends.scheduled or [0])
-    not_issued = sum(1 for status in sends.status if status == NOT_ISSUED)
     accepted = [i for i in range(count) if sends.status[i] == 202]
-    drain = wait_frames(clients, 2 * len(accepted), args.drain_timeout, 0.1)
-    cpu_report = meter.report()
-    after = scrape(port)
-    task_after = scrape(worker_metrics_port)
-    frames = parse_records(clients.collect(), sequences)
-
     seen: Counter[tuple[int, int]] = Counter()
     recipient_latency, echo_latency, scheduled_latency = [], [], []
     other: Counter[str] = Counter()
@@ -1235,7 +1213,70 @@ def phase_steady(
     issued = [i for i in range(count) if sends.issued[i]]
     lag = [sends.issued[i] - sends.scheduled[i] for i in issued]
     http_time = [sends.done[i] - sends.issued[i] for i in accepted]
-    statuses = Counter(sends.status)
+    return {
+        "recipient_latency": recipient_latency,
+        "echo_latency": echo_latency,
+        "scheduled_latency": scheduled_latency,
+        "other": other,
+        "accepted": accepted,
+        "missing": missing,
+        "missing_echo": missing_echo,
+        "duplicates": duplicates,
+        "issued": issued,
+        "lag": lag,
+        "http_time": http_time,
+        "statuses": Counter(sends.status),
+        "sent_wall": max(sends.done or [0]) - min(sends.scheduled or [0]),
+        "not_issued": sum(1 for status in sends.status if status == NOT_ISSUED),
+    }
+
+
+def phase_steady(
+    args: argparse.Namespace,
+    clients: Clients,
+    port: int,
+    tokens: list[str],
+    conversations: list[str],
+    open_users: set[int],
+    meter: CpuMeter,
+    sequences: dict[int, list[int]],
+    tag: str,
+    worker_metrics_port: int,
+) -> dict[str, Any]:
+    print("\n== 2. Send-to-socket latency at a steady rate")
+    pairs = [p for p in range(len(conversations)) if {2 * p, 2 * p + 1} <= open_users]
+    if not pairs:
+        print("no pair of users with both sockets open: skipped")
+        return {}
+
+    # Warm-up: the Celery worker's first tasks, the sender's connections.
+    if args.warmup_sends:
+        warm = plan_sends(pairs, tokens, conversations, f"{tag}w", args.warmup_sends)
+        clients.mark(f'"{tag}w-'.encode())
+        send_steady(port, [w[:3] for w in warm], min(args.rate, 50.0), 4, "warm-up")
+        wait_frames(clients, 2 * len(warm), 60.0, 0.1)
+        parse_records(clients.collect(), sequences)
+
+    count = int(args.rate * args.duration)
+    plan = plan_sends(pairs, tokens, conversations, f"{tag}m", count)
+    before = scrape(port)
+    task_before = scrape(worker_metrics_port)
+    clients.mark(f'"{tag}m-'.encode())
+    meter.begin()
+    sends = send_steady(port, [p[:3] for p in plan], args.rate, args.sender_threads, "hello")
+    accepted = [i for i in range(count) if sends.status[i] == 202]
+    drain = wait_frames(clients, 2 * len(accepted), args.drain_timeout, 0.1)
+    cpu_report = meter.report()
+    after = scrape(port)
+    task_after = scrape(worker_metrics_port)
+    frames = parse_records(clients.collect(), sequences)
+
+    tally = tally_sends(plan, sends, frames)
+    recipient_latency, echo_latency = tally["recipient_latency"], tally["echo_latency"]
+    scheduled_latency, other, lag = tally["scheduled_latency"], tally["other"], tally["lag"]
+    missing, missing_echo, duplicates = tally["missing"], tally["missing_echo"], tally["duplicates"]
+    issued, http_time, statuses = tally["issued"], tally["http_time"], tally["statuses"]
+    sent_wall, not_issued = tally["sent_wall"], tally["not_issued"]
 
     print(
         f"scheduled {count} sends at {args.rate:g}/s over {len(pairs)} conversations; issued "

@@ -106,6 +106,27 @@ def _let_others_traverse(path: Path) -> None:
             parent.chmod(mode | stat.S_IXOTH)
 
 
+def _others_may_traverse(path: Path) -> bool:
+    return all(parent.stat().st_mode & stat.S_IXOTH for parent in path.parents)
+
+
+def _copy_install(bin_dir: Path, destination: Path) -> Path:
+    """Copy the install `bin_dir` belongs to under `destination`; returns the copy's bin.
+
+    pgserver's binaries find their shared libraries by RPATH (`$ORIGIN/../../../
+    pgserver.libs`, the wheel's layout), so that layout is copied whole: the install
+    three levels under `destination`, and the wheel's `*.libs` folders beside it."""
+    levels = bin_dir.parents  # bin_dir.parents[0] is the install, [2] its site folder
+    site, install = levels[2], levels[0]
+    copied_install = destination / install.relative_to(site)
+    shutil.copytree(
+        install, copied_install, symlinks=True, ignore=shutil.ignore_patterns("include")
+    )
+    for libs in site.glob("*.libs"):
+        shutil.copytree(libs, destination / libs.name, symlinks=True)
+    return copied_install / "bin"
+
+
 def _let_others_run(directory: Path) -> None:
     """o+rx on a binary tree installed by root with a tight umask (as pgserver does)."""
     for item in [directory, *directory.rglob("*")]:
@@ -214,6 +235,11 @@ class PostgresServer:
             for path in (self.directory, self.data):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
             _let_others_traverse(self.directory)
+            if not _others_may_traverse(self.bin_dir):
+                # The binaries are in a checkout under a private folder (mktemp -d is 0700):
+                # a copy of the install in our own folder, rather than loosening the
+                # permissions of folders that are not ours.
+                self.bin_dir = _copy_install(self.bin_dir, self.directory / "postgresql")
             _let_others_run(self.bin_dir)
             _let_others_run(self.bin_dir.parent / "lib")
         else:
