@@ -151,7 +151,7 @@ def one_round(base: str, token: str, chat: str, photo: bytes, frames: queue.Queu
 
 def run(args: argparse.Namespace) -> int:
     import redis
-    from common import S3Store
+    from common import S3Store, process_env
 
     from app.auth import mint_token
     from app.embedded import free_port
@@ -165,21 +165,18 @@ def run(args: argparse.Namespace) -> int:
         database_url = sl.setup_database(args)
         provision(database_url)
         redis.Redis.from_url(args.redis_url).flushdb()
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        env.pop("SWITCHBOARD_BROKER_URL", None)  # Celery on the benchmark's Redis database
-        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-        env |= {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": args.redis_url,
-            "SWITCHBOARD_SERVICE_TOKEN": SERVICE_TOKEN,
-            "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
-            "SWITCHBOARD_POLICY": "marketplace",
-            "SWITCHBOARD_LOG_LEVEL": "WARNING",
-            # The worker's "succeeded in" lines give its task time (TASK_LINE).
-            "SWITCHBOARD_TASK_LOG_LINES": "true",
-            "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
-            "SWITCHBOARD_BIND_HOST": "127.0.0.1",
-        } | s3.start()
+        env = (
+            process_env(
+                database_url,
+                args.redis_url,
+                SWITCHBOARD_SERVICE_TOKEN=SERVICE_TOKEN,
+                SWITCHBOARD_JWT_SECRET=JWT_SECRET,
+                SWITCHBOARD_POLICY="marketplace",
+                # The worker's "succeeded in" lines give its task time (TASK_LINE).
+                SWITCHBOARD_TASK_LOG_LINES="true",
+            )
+            | s3.start()
+        )
         customer, artist = (mint_token(load_settings(env), u, TENANT) for u in (CUSTOMER, ARTIST))
         web_env = env | {"PORT": str(port), "WEB_CONCURRENCY": "1"}
         procs.append(web := sl.Proc("web", web_env, work / "web.log").start())

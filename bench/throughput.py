@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -235,7 +234,7 @@ def summary(rows: list[dict[str, Any]], fixed: dict[float, dict], searched: list
 
 def run(args: argparse.Namespace) -> int:
     import redis
-    from common import S3Store
+    from common import S3Store, process_env
 
     from app.auth import mint_token
     from app.embedded import free_port
@@ -251,19 +250,16 @@ def run(args: argparse.Namespace) -> int:
         database_url = sl.setup_database(args)
         database_ready = True
         redis.Redis.from_url(args.redis_url).flushdb()
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        env.pop("SWITCHBOARD_BROKER_URL", None)  # Celery on the benchmark's Redis database
-        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-        env |= {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": args.redis_url,
-            "SWITCHBOARD_SERVICE_TOKEN": sl.SERVICE_TOKEN,
-            "SWITCHBOARD_JWT_SECRET": sl.JWT_SECRET,
-            "SWITCHBOARD_POLICY": "bookstore",
-            "SWITCHBOARD_LOG_LEVEL": "WARNING",
-            "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
-            "SWITCHBOARD_BIND_HOST": "127.0.0.1",
-        } | s3.start()
+        env = (
+            process_env(
+                database_url,
+                args.redis_url,
+                SWITCHBOARD_SERVICE_TOKEN=sl.SERVICE_TOKEN,
+                SWITCHBOARD_JWT_SECRET=sl.JWT_SECRET,
+                SWITCHBOARD_POLICY="bookstore",
+            )
+            | s3.start()
+        )
         settings = load_settings(env)
         conversations = sl.provision(database_url, args.users)
         tokens = [mint_token(settings, sl.user_id(i), sl.TENANT) for i in range(args.users)]
@@ -341,8 +337,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"!! {proc.name} exited early:\n{proc.tail()}")
         return 0 if summary(rows, fixed, searched) else 1
     finally:
-        for number in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C: clean up all the same
-            signal.signal(number, signal.SIG_IGN)
         if clients is not None:
             clients.stop()
         for proc in reversed(procs):
