@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         QueueDepthCollector,
         build_registry,
         pending_reports_collector,
+        queued_broadcasts_collector,
         queued_sends_collector,
     )
     from schedules.runner import job_statuses
@@ -55,7 +56,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         )
     store = ObjectStore(settings) if settings.s3_bucket else None
 
-    app = Flask(__name__)
+    # No static folder: the API serves no files of its own (and so has no `static` route).
+    app = Flask(__name__, static_folder=None)
     app.json.sort_keys = False
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.config["SOCK_SERVER_OPTIONS"] = {
@@ -113,6 +115,22 @@ def create_app(settings: Settings | None = None) -> Flask:
         with database.read_sessions() as session:
             return pending_reports_summary(session)
 
+    def queued_broadcasts() -> tuple[int, float]:
+        from sqlalchemy import func, select
+
+        from app.models import Broadcast
+
+        # One scan of the partial index ix_broadcasts_queued: cheap at every scrape.
+        statement = select(
+            func.count(),
+            func.coalesce(
+                func.extract("epoch", func.clock_timestamp() - func.min(Broadcast.created_at)), 0
+            ),
+        ).where(Broadcast.status == "queued")
+        with database.read_sessions() as session:
+            count, age = session.execute(statement).one()
+        return int(count), float(age)
+
     def jobs_status() -> list:
         with database.read_sessions() as session:
             return job_statuses(session, policy)
@@ -122,6 +140,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             QueueDepthCollector(queue_depths),
             queued_sends_collector(queued_sends),
             pending_reports_collector(pending_reports),
+            queued_broadcasts_collector(queued_broadcasts),
             JobStateCollector(jobs_status),
         ]
     )
@@ -129,4 +148,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     install_request_hooks(app)
     register_error_handlers(app)
     register_blueprints(app)
+    # The browser client: its routes answer 404 unless SWITCHBOARD_DEMO is on.
+    from app.demo import blueprint as demo
+
+    app.register_blueprint(demo)
     return app

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlencode
 
 import click
 from flask import Flask, current_app
@@ -209,6 +210,8 @@ def token(user_id: str, hours: int) -> None:
     click.echo(minted)
 
 
+# The demo users of each preset, in tenant 'demo': one of every role the browser client
+# has something to show for (issue 12), as (user id, role, tier or None for the default).
 DEMO_USERS = {
     "bookstore": [
         ("alice", "member", "privileged"),
@@ -219,8 +222,10 @@ DEMO_USERS = {
         ("alice", "attendee", None),
         ("bob", "mvp_dealer", None),
         ("carol", "organizer", None),
+        ("erin", "dealer", None),
+        ("mo", "moderator", None),
     ],
-    "marketplace": [("alice", "customer", None), ("bob", "artist", None), ("carol", "admin", None)],
+    "marketplace": [("alice", "customer", None), ("bob", "artist", None)],
 }
 
 
@@ -282,6 +287,9 @@ def up(state_dir: Path, port: int | None, host: str) -> None:
     env["SWITCHBOARD_BIND_HOST"] = host
     env.setdefault("SWITCHBOARD_WORKER_METRICS_HOST", host)
     env[STATE_DIR_VARIABLE] = str(state_dir)
+    # The browser client at /demo: on for a laptop (the welcome text links to it), unless
+    # the shell says SWITCHBOARD_DEMO=0; production leaves it off by default.
+    env.setdefault("SWITCHBOARD_DEMO", "1")
     # The Procfile names gunicorn and celery bare; find this environment's even when
     # `switchboard up` was run by its path with the venv not activated.
     bin_dir = str(Path(sys.executable).parent)
@@ -356,7 +364,9 @@ def up(state_dir: Path, port: int | None, host: str) -> None:
             raise click.ClickException(str(exc)) from None
         demo_tokens = _provision_demo(app)
         app.extensions["switchboard.db"].dispose()
-        _print_welcome(env, demo_tokens, state_dir)
+        _print_welcome(
+            env, demo_tokens, state_dir, demo=app.extensions["switchboard.settings"].demo
+        )
         procfile = PROJECT_ROOT / "Procfile"
         honcho = [
             sys.executable,
@@ -441,7 +451,22 @@ def cli_command(state_dir: Path) -> str:
     return command
 
 
-def _print_welcome(env: dict[str, str], demo_tokens: dict[str, str], state_dir: Path) -> None:
+def demo_links(base: str, tokens: Mapping[str, str]) -> dict[str, str]:
+    """The browser client's link for each demo user. The token goes in the fragment,
+    which the browser keeps to itself (no request line, log or Referer carries it), and
+    so do the other demo users' ids, for the client to offer as people to message."""
+    links = {}
+    for user in tokens:
+        fragment = urlencode(
+            {"token": tokens[user], "peers": ",".join(u for u in tokens if u != user)}
+        )
+        links[user] = f"{base}/demo/#{fragment}"
+    return links
+
+
+def _print_welcome(
+    env: dict[str, str], demo_tokens: dict[str, str], state_dir: Path, *, demo: bool = False
+) -> None:
     host = env["SWITCHBOARD_BIND_HOST"]
     shown = LOOPBACK_HOST if host in ("0.0.0.0", "::", "") else host
     if ":" in shown and not shown.startswith("["):
@@ -467,8 +492,17 @@ def _print_welcome(env: dict[str, str], demo_tokens: dict[str, str], state_dir: 
         f"  settings in use (for `token` and `db`): {state_dir / ENV_FILE_NAME}",
     ]
     if demo_tokens:
+        roles = {user: role for user, role, _ in DEMO_USERS.get(policy, [])}
         lines.append("  demo users in tenant 'demo', with 7-day tokens:")
         lines += [f"    {user}: {token}" for user, token in demo_tokens.items()]
+        if demo:
+            lines.append(
+                "  the browser client, one link per demo user (open each in its own window):"
+            )
+            lines += [
+                f"    {user} ({roles.get(user, '?')}): {link}"
+                for user, link in demo_links(base, demo_tokens).items()
+            ]
     click.echo("\n".join(lines) + "\n")
 
 

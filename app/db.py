@@ -47,11 +47,11 @@ class Database:
         # `info` is copied into every session: how services reach process-wide helpers
         # (the event publisher) without importing Flask.
         self.sessions = sessionmaker(self.engine, expire_on_commit=False, info=info or {})
-        # For requests that only read: autocommit spares the BEGIN and ROLLBACK round trips.
+        # For requests that only read, or whose every write is one atomic statement:
+        # autocommit spares the BEGIN and COMMIT (or ROLLBACK) round trips.
+        self.autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.read_sessions = sessionmaker(
-            self.engine.execution_options(isolation_level="AUTOCOMMIT"),
-            expire_on_commit=False,
-            info=info or {},
+            self.autocommit_engine, expire_on_commit=False, info=info or {}
         )
 
     @contextmanager

@@ -8,7 +8,9 @@ from typing import Any
 
 import kombu.exceptions
 import redis.exceptions
+import simple_websocket.errors
 import sqlalchemy.exc
+import wsproto.utilities
 from flask import Flask, g, jsonify
 from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
@@ -53,6 +55,20 @@ def register_error_handlers(app: Flask) -> None:
         if exc.code == 405 and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response
+
+    @app.errorhandler(wsproto.utilities.RemoteProtocolError)
+    @app.errorhandler(simple_websocket.errors.ConnectionError)
+    def _bad_handshake(_exc: Exception) -> ResponseReturnValue:
+        # An `Upgrade: websocket` request that is no valid handshake (no or a bad
+        # Sec-WebSocket-Key, an unsupported Sec-WebSocket-Version): wsproto refuses it in
+        # flask-sock's Server() before the stream's view runs, and nothing has been written
+        # to the socket yet, so it is an HTTP 400 like any bad input, not a 500. (After the
+        # handshake wsproto's errors stay in simple-websocket's reader thread.)
+        message = (
+            "Not a valid WebSocket handshake: it needs Sec-WebSocket-Key and "
+            "Sec-WebSocket-Version: 13."
+        )
+        return jsonify(error_body("invalid_handshake", message)), 400
 
     @app.errorhandler(sqlalchemy.exc.TimeoutError)
     def _pool_exhausted(exc: sqlalchemy.exc.TimeoutError) -> ResponseReturnValue:

@@ -7,6 +7,11 @@ order: a reader that has seen N and reads again later finds N+1 next, never a
 gap that fills in behind it. After commit the events are announced on Redis
 pub/sub for the socket hubs; if that announcement fails, the log still has them
 and a reconnecting client replays them.
+
+Channels: an event for one user is announced on that user's channel
+(`user_channel`), which only the web processes holding a socket of that user
+subscribe to; a broadcast chunk is one batch announcement on the shared
+`events_channel()`, which every web process reads (see app/stream/hub.py).
 """
 
 from __future__ import annotations
@@ -24,11 +29,30 @@ from sqlalchemy.orm import Session
 
 from app.db import after_commit
 from app.models import UserEvent
+from app.statements import DriverStatement
 from monitoring.metrics import EVENT_PUBLISH_FAILURES, EVENTS_APPENDED
 
 log = logging.getLogger(__name__)
 
 EVENTS_CHANNEL = "switchboard:events"
+
+
+def events_channel(redis_db: int) -> str:
+    """The shared channel of the deployment whose Redis database is `redis_db`. Redis
+    pub/sub ignores database numbers (a channel is server-wide), so without the number
+    two deployments, or two test runs, on one Redis server would hear each other."""
+    return f"{EVENTS_CHANNEL}:db{redis_db}"
+
+
+def redis_db_of(client: redis.Redis) -> int:
+    return int(client.connection_pool.connection_kwargs.get("db", 0))
+
+
+def user_channel(user_id: str, channel: str) -> str:
+    """The channel of one user's direct events: `<shared channel>:u:<user id>`."""
+    return f"{channel}:u:{user_id}"
+
+
 PUBLISHER_KEY = "switchboard.publisher"
 
 EVENT_TYPES = frozenset(
@@ -74,19 +98,22 @@ class EventBatch:
 
 
 class RedisPublisher:
-    """Announces committed events on one Redis channel that every web process subscribes to."""
+    """Announces committed events: each event on its user's channel, a broadcast chunk's
+    batch on the shared channel. Either way one round trip per call."""
 
-    def __init__(self, client: redis.Redis, channel: str = EVENTS_CHANNEL) -> None:
+    def __init__(self, client: redis.Redis, channel: str | None = None) -> None:
         self._client = client
-        self._channel = channel
+        self._channel = channel or events_channel(redis_db_of(client))
 
     def publish(self, events: Sequence[Event]) -> None:
         if not events:
             return
         try:
+            # One pipeline, one round trip, however many events and users.
             pipeline = self._client.pipeline(transaction=False)
+            channel = self._channel
             for event in events:
-                pipeline.publish(self._channel, encode_announcement(event))
+                pipeline.publish(user_channel(event.user_id, channel), encode_announcement(event))
             pipeline.execute()
         except redis.RedisError as exc:
             # The events are committed in the log; sockets catch up on reconnect.
@@ -208,6 +235,85 @@ def append_event_batch(
             # A publisher without batches (a test double): one announcement per event.
             after_commit(session, lambda: publisher.publish(batch.events()))
     return batch
+
+
+# Many events for many users in one statement (a batch of stored sends): lock the users in
+# id order (the rule of _NEXT_SEQUENCES, so batches and single appends never wait on each
+# other in opposite orders), bump each one's sequence once by the number of events they
+# get, and insert the rows numbered in the order given.
+_APPEND_GROUPS = text(
+    """
+    WITH e AS (
+        SELECT * FROM unnest(CAST(:user_ids AS text[]), CAST(:types AS text[]),
+                             CAST(:payloads AS text[]))
+               WITH ORDINALITY AS e(user_id, type, payload, ord)
+    ), wanted AS (
+        SELECT user_id AS id, count(*) AS n FROM e GROUP BY user_id
+    ), bumped AS (
+        UPDATE users SET last_event_seq = users.last_event_seq + wanted.n
+        FROM (SELECT id FROM users WHERE id IN (SELECT id FROM wanted) ORDER BY id FOR UPDATE)
+             AS locked
+        JOIN wanted ON wanted.id = locked.id
+        WHERE users.id = locked.id
+        RETURNING users.id, users.last_event_seq - wanted.n AS before
+    )
+    INSERT INTO user_events (user_id, seq, type, payload)
+    SELECT e.user_id, bumped.before + row_number() OVER (PARTITION BY e.user_id ORDER BY e.ord),
+           e.type, CAST(e.payload AS jsonb)
+    FROM e JOIN bumped ON bumped.id = e.user_id
+    RETURNING user_id, seq
+    """
+)
+
+
+# Run by the driver (app/statements.py): it is on every batch of stored sends.
+_APPEND_GROUPS_ON_DRIVER = DriverStatement(_APPEND_GROUPS, label="append event groups")
+
+
+@dataclass(frozen=True, slots=True)
+class EventGroup:
+    """One event of `type` and `data` for each of `recipients`."""
+
+    recipients: Sequence[str]
+    type: str
+    data: dict[str, Any]
+
+
+def append_event_groups(session: Session, groups: Sequence[EventGroup]) -> list[Event]:
+    """Append every group's events in one statement whatever their number; a user's
+    events get consecutive sequence numbers in the order of `groups`. Announced together
+    after commit."""
+    unknown = {group.type for group in groups} - EVENT_TYPES
+    if unknown:
+        raise ValueError(f"unknown event types {sorted(unknown)!r}")
+    recipients_of = [sorted(set(group.recipients)) for group in groups]
+    rows: dict[str, list[str]] = {"user_ids": [], "types": [], "payloads": []}
+    for group, user_ids in zip(groups, recipients_of, strict=True):
+        # Serialised once per group, however many recipients share it.
+        payload = json.dumps(group.data, separators=(",", ":"), default=str)
+        rows["user_ids"].extend(user_ids)
+        rows["types"].extend([group.type] * len(user_ids))
+        rows["payloads"].extend([payload] * len(user_ids))
+    if not rows["user_ids"]:
+        return []
+    seqs: dict[str, list[int]] = {}
+    for user_id, seq in _APPEND_GROUPS_ON_DRIVER.rows(session.connection(), rows):
+        seqs.setdefault(user_id, []).append(seq)
+    for numbers in seqs.values():
+        numbers.sort(reverse=True)  # popped lowest first, in the order of `groups`
+    events: list[Event] = []
+    for group, user_ids in zip(groups, recipients_of, strict=True):
+        appended = [
+            Event(user_id, seqs[user_id].pop(), group.type, group.data)
+            for user_id in user_ids
+            if seqs.get(user_id)  # a user deleted since has nobody to tell
+        ]
+        events.extend(appended)
+        EVENTS_APPENDED.labels(group.type).inc(len(appended))
+    publisher: Publisher | None = session.info.get(PUBLISHER_KEY)
+    if publisher is not None and events:
+        after_commit(session, lambda: publisher.publish(events))
+    return events
 
 
 def now_iso() -> str:

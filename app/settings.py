@@ -128,6 +128,9 @@ class Settings(BaseModel):
     )
     # Strict-Transport-Security on every response: only behind TLS.
     hsts: bool = Field(default=False, validation_alias=_env("SWITCHBOARD_HSTS"))
+    # The browser client at /demo (app/demo): off unless asked for, since it is a showcase
+    # rather than part of the API; `switchboard up` turns it on.
+    demo: bool = Field(default=False, validation_alias=_env("SWITCHBOARD_DEMO"))
     # The policy's per-user rate limits; off for load tests and the test suite, whose
     # single users send faster than a person would.
     rate_limits_enabled: bool = Field(
@@ -175,6 +178,14 @@ class Settings(BaseModel):
     # default (at a few hundred messages a second they are most of a worker's log and a
     # measurable share of its CPU); task failures and retries are logged either way.
     task_log_lines: bool = Field(default=False, validation_alias=_env("SWITCHBOARD_TASK_LOG_LINES"))
+    # Sends committed within this many milliseconds of a process's last enqueue share the
+    # next task (a quiet system enqueues each send at once); see workers/send_batches.py.
+    send_batch_window_ms: float = Field(
+        default=5.0, ge=0, le=1000, validation_alias=_env("SWITCHBOARD_SEND_BATCH_WINDOW_MS")
+    )
+    send_batch_max: int = Field(
+        default=100, ge=1, le=1000, validation_alias=_env("SWITCHBOARD_SEND_BATCH_MAX")
+    )
 
     @field_validator("aws_region", mode="before")
     @classmethod
@@ -226,7 +237,7 @@ class Settings(BaseModel):
             return value
         return tuple(check_origin(item.strip()) for item in value.split(",") if item.strip())
 
-    @field_validator("hsts", mode="before")
+    @field_validator("hsts", "demo", mode="before")
     @classmethod
     def _empty_hsts_is_off(cls, value: object) -> object:
         return False if value == "" else value

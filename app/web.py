@@ -12,7 +12,7 @@ from flask import Flask, Response, current_app, g, request
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from app.auth import TokenVerifier, load_user, parse_bearer
+from app.auth import TokenClaims, TokenVerifier, load_user, parse_bearer
 from app.db import Database
 from app.input_checks import check_text, parse_untrusted_json
 from app.models import User
@@ -39,24 +39,34 @@ def object_store() -> ObjectStore | None:
     return current_app.extensions["switchboard.storage"]
 
 
-def session() -> Session:
+def session(*, autocommit: bool | None = None) -> Session:
     """The request's session, opened on first use and closed when the request ends.
 
     Handlers commit explicitly once their writes are complete; anything not
-    committed is rolled back at teardown. GET and HEAD requests read in autocommit.
+    committed is rolled back at teardown. GET and HEAD requests read in autocommit, and
+    so does a handler whose every write is one atomic statement (`autocommit=True`):
+    no BEGIN or COMMIT round trip.
     """
     if "db_session" not in g:
-        read_only = request.method in ("GET", "HEAD")
-        g.db_session = (database().read_sessions if read_only else database().sessions)()
+        if autocommit is None:
+            autocommit = request.method in ("GET", "HEAD")
+        g.db_session = (database().read_sessions if autocommit else database().sessions)()
     return g.db_session
+
+
+def current_claims() -> TokenClaims:
+    """The verified claims of the request's bearer token; 401 otherwise. Enough for
+    who is asking (user and tenant) without reading the user's row."""
+    if "token_claims" not in g:
+        verifier: TokenVerifier = current_app.extensions["switchboard.tokens"]
+        g.token_claims = verifier.verify(parse_bearer(request.headers.get("Authorization")))
+    return g.token_claims
 
 
 def current_user() -> User:
     """The user the request's bearer token speaks for; 401 otherwise."""
     if "current_user" not in g:
-        verifier: TokenVerifier = current_app.extensions["switchboard.tokens"]
-        claims = verifier.verify(parse_bearer(request.headers.get("Authorization")))
-        g.current_user = load_user(session(), claims)
+        g.current_user = load_user(session(), current_claims())
     return g.current_user
 
 
@@ -110,6 +120,9 @@ def _teardown_request(_exc: BaseException | None) -> None:
 # Blueprints outside the per-user limit: probes and metrics carry no user; admin routes are
 # the deployment's own backend with the service token; the stream limits its connect itself.
 RATE_LIMIT_EXEMPT_BLUEPRINTS = frozenset({"health", "admin", "stream"})
+# Endpoints that check the token's user in a query they make anyway (the send's one
+# pre-check query answers 401 `unknown_user`), so the hook loads no `User` for them.
+USER_CHECKED_BY_ENDPOINT = frozenset({"conversations.send"})
 # Endpoint -> the `[rate_limit.actions]` name whose limit it spends besides the general
 # one (tests/test_rate_limits.py checks that each endpoint exists).
 RATE_LIMITED_ACTIONS = {
@@ -167,7 +180,13 @@ def _enforce_rate_limit() -> None:
         return
     if request.blueprint in RATE_LIMIT_EXEMPT_BLUEPRINTS:
         return
-    user = current_user()
+    # The limit is keyed by the verified claims (the same user and tenant as the row).
+    claims = current_claims()
+    if request.endpoint not in USER_CHECKED_BY_ENDPOINT:
+        # An unprovisioned user's token is a 401 before it spends (or is refused by) the
+        # limit, and before Redis is asked: as it always was. These handlers load the
+        # user anyway, so this costs them nothing.
+        current_user()
     limiter = current_app.extensions["switchboard.ratelimiter"]
     if limiter is None:
         return
@@ -175,7 +194,7 @@ def _enforce_rate_limit() -> None:
     policy = current_app.extensions["switchboard.policy"]
     limit = policy.rate_limit_actions.get(action) if action else None
     verdict = limiter.hit(
-        user.tenant_id, user.id, "api", (action, limit) if action and limit else None
+        claims.tenant_id, claims.user_id, "api", (action, limit) if action and limit else None
     )
     if not verdict.allowed:
         what = ACTION_NOUNS.get(verdict.refused_by or "", "requests")

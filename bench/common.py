@@ -1,13 +1,24 @@
-"""What the benchmarks share: the S3 store for the web and worker processes they start."""
+"""What the benchmarks share: the S3 store for the web and worker processes they start, the
+environment of those processes, a clean exit on signals, and an open-loop HTTP driver with
+its latency table."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
+import math
 import os
+import queue
 import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +99,96 @@ def process_env(database_url: str, redis_url: str, **settings: str) -> dict[str,
         }
         | settings
     )
+
+
+# ----------------------------------------------------------------------------- open loop
+
+
+@dataclass
+class Call:
+    """One HTTP request of a load run, and what became of it."""
+
+    kind: str  # the figure it counts in ("send", "broadcast", ...)
+    method: str
+    path: str
+    token: str
+    body: dict[str, Any] | None = None
+    scheduled: float = 0.0  # monotonic: when it was due (latency counts from here)
+    done: float = 0.0
+    status: int = 0  # 0: no answer (a connection error, counted in `error`)
+    error: str = ""
+    answer: Any = None
+
+
+def open_loop(port: int, calls: list[Call], rate: float, connections: int) -> float:
+    """Issue `calls` in order at `rate` a second (open loop: each is due on schedule
+    whether or not earlier ones were answered), over `connections` keep-alive connections
+    to 127.0.0.1:`port`, each from a thread of its own. Latency is counted from when a
+    call was due, so a stalled server cannot hide the queue behind it (no coordinated
+    omission). Returns the seconds from the first call due to the last one answered."""
+    work: queue.Queue[Call | None] = queue.Queue()
+
+    def connection_thread() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            while (call := work.get()) is not None:
+                _issue(connection, call)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=connection_thread, daemon=True) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    start = time.monotonic() + 0.1
+    for index, call in enumerate(calls):
+        call.scheduled = start + index / rate
+        delay = call.scheduled - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        work.put(call)
+    for _ in threads:
+        work.put(None)
+    for thread in threads:
+        thread.join()
+    return max((call.done for call in calls), default=start) - start
+
+
+def _issue(connection: http.client.HTTPConnection, call: Call) -> None:
+    body = None if call.body is None else json.dumps(call.body)
+    headers = {"Authorization": f"Bearer {call.token}", "Content-Type": "application/json"}
+    for attempt in range(2):  # one retry on a dropped keep-alive (the calls are idempotent)
+        try:
+            connection.request(call.method, call.path, body=body, headers=headers)
+            response = connection.getresponse()
+            raw = response.read()
+            call.status = response.status
+            with contextlib.suppress(ValueError):
+                call.answer = json.loads(raw or b"null")
+            break
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            if attempt:
+                call.error = exc.__class__.__name__
+    call.done = time.monotonic()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of unsorted values (nan when empty)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))]
+
+
+def latency_table(calls: list[Call], expected: int = 202) -> list[str]:
+    """Per kind of call: count, p50 / p95 / p99 / max in ms (from when each was due) and
+    the answers other than `expected` (by status; 0 is no answer)."""
+    lines = [f"{'call':<10} {'n':>6} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}  errors"]
+    for kind in sorted({call.kind for call in calls}):
+        mine = [call for call in calls if call.kind == kind]
+        times = [(call.done - call.scheduled) * 1000 for call in mine]
+        wrong = Counter(call.status for call in mine if call.status != expected)
+        errors = ", ".join(f"{n} x {status or 'no answer'}" for status, n in wrong.items())
+        figures = " ".join(f"{percentile(times, q):8.1f}" for q in (50, 95, 99))
+        lines.append(f"{kind:<10} {len(mine):>6} {figures} {max(times):8.1f}  {errors or '0'}")
+    return lines

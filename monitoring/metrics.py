@@ -113,6 +113,11 @@ SEND_ENQUEUE_FAILURES = Counter(
     "Committed sends whose task could not be handed to the broker (the sweeper enqueues them"
     " again).",
 )
+SEND_BATCH_SIZE = Histogram(
+    "switchboard_send_batch_size",
+    "Sends per store_sends task enqueued (batches grow with load; workers/send_batches.py).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 JOB_RUNS = Counter(
     "switchboard_job_runs_total",
     "Periodic job runs by outcome: succeeded, skipped_running (another copy held it),"
@@ -227,6 +232,13 @@ class BacklogCollector(Collector):
 def queued_sends_collector(read: Callable[[], tuple[int, float]]) -> BacklogCollector:
     return BacklogCollector(
         "switchboard_sends_queued", "Accepted sends not yet stored or rejected", read
+    )
+
+
+def queued_broadcasts_collector(read: Callable[[], tuple[int, float]]) -> BacklogCollector:
+    # The fan-out lag: a broadcast stays queued from its 202 until its last chunk is written.
+    return BacklogCollector(
+        "switchboard_broadcasts_queued", "Accepted broadcasts not yet fanned out or rejected", read
     )
 
 

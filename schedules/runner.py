@@ -27,7 +27,7 @@ from app.models import JobState
 from app.policy import Policy
 from app.storage import ObjectStore
 from monitoring.metrics import JOB_DURATION, JOB_RUNS
-from schedules.jobs import JOBS, JobContext
+from schedules.jobs import JOBS, Job, JobContext
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,28 @@ def run_job(
     job = JOBS.get(name)
     if job is None:
         raise UnknownJob(f"no job named {name!r}; known: {', '.join(sorted(JOBS))}")
-    now = now or datetime.now(UTC)
+
+    def context(moment: datetime) -> JobContext:
+        return JobContext(session, policy, moment, enqueue_send, enqueue_broadcast, store)
+
+    try:
+        return _run(session, policy, job, now or datetime.now(UTC), force, context)
+    except Exception:
+        # Counted here, whichever caller ran it (beat's task, `switchboard jobs run`), so
+        # that SwitchboardJobFailing sees a job that keeps raising; the caller rolls back.
+        JOB_RUNS.labels(name, "failed").inc()
+        raise
+
+
+def _run(
+    session: Session,
+    policy: Policy,
+    job: Job,
+    now: datetime,
+    force: bool,
+    context: Callable[[datetime], JobContext],
+) -> JobRun:
+    name = job.name
     # The slot as the policy times the job (a daily job's: the day from its time).
     slot = job.slot_of(now, policy)
     started = time.perf_counter()
@@ -89,7 +110,7 @@ def run_job(
     if session.execute(claim.returning(JobState.job)).first() is None:
         JOB_RUNS.labels(name, "skipped_done").inc()
         return JobRun(name, "skipped_done")
-    rows = job.run(JobContext(session, policy, now, enqueue_send, enqueue_broadcast, store))
+    rows = job.run(context(now))
     duration = time.perf_counter() - started
     session.execute(
         update(JobState)

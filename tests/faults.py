@@ -22,6 +22,7 @@ import json
 import os
 import pwd
 import random
+import re
 import shutil
 import signal
 import socket
@@ -687,6 +688,9 @@ class Report:
     errors: list[str]
     wall_seconds: float
     logs: str = ""
+    # store_sends tasks the web enqueued, and the sends they held (its /metrics)
+    batch_tasks: int = 0
+    batched_sends: int = 0
 
     def problems(self) -> list[str]:
         """What breaks the contract; empty when the run is clean."""
@@ -707,6 +711,11 @@ class Report:
             found.append(f"{self.abandoned} sends never accepted, retried to the end")
         if self.unknown_rows:
             found.append(f"{self.unknown_rows} message rows no client sent")
+        if self.batched_sends <= self.batch_tasks:
+            found.append(
+                f"no send shared a task ({self.batched_sends} sends in {self.batch_tasks}"
+                " tasks): the batched path was not exercised"
+            )
         return found
 
     def render(self) -> str:
@@ -725,6 +734,7 @@ class Report:
             f"stuck (queued at the end): {len(self.stuck)}",
             f"500s (any 5xx but 503 with Retry-After): {sum(self.server_errors.values())}",
             f"thread/process failures: {len(self.errors)}",
+            f"batches: {self.batched_sends} sends enqueued in {self.batch_tasks} tasks",
         ]
         if self.converged_after is None:
             lines.append("converged: no, within the bounded wait")
@@ -747,6 +757,17 @@ class Report:
         lines.append(f"wall time: {self.wall_seconds:.0f} s")
         lines.extend(self.errors)
         return "\n".join(lines)
+
+
+def _send_batches(base_url: str) -> tuple[int, int]:
+    """(tasks, sends) from the web's `switchboard_send_batch_size` histogram."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for name in ("count", "sum"):
+        found = re.search(rf"^switchboard_send_batch_size_{name} (\S+)$", text, re.MULTILINE)
+        values[name] = int(float(found.group(1))) if found else 0
+    return values["count"], values["sum"]
 
 
 def _ids_in_broker(redis_url: str, ids: list[str]) -> int:
@@ -790,6 +811,7 @@ class Scenario:
         outage: float = 3.0,
         worker_restart_delay: float = 1.0,
         settle: float = 60.0,
+        batch_window_ms: float = 50.0,
         log: Log = print,
     ) -> None:
         self.directory = directory
@@ -801,6 +823,7 @@ class Scenario:
         self.outage = outage
         self.worker_restart_delay = worker_restart_delay
         self.settle = settle
+        self.batch_window_ms = batch_window_ms
         self.log = log
         self.errors: list[str] = []
         self.t0 = time.time()
@@ -829,6 +852,9 @@ class Scenario:
                 f"PostgreSQL :{postgres.port} (pid {postgres.pid}), Redis :{redis_server.port}"
             )
             env = live_env(postgres.url, redis_server.url, seaweed.env() if seaweed else None)
+            # Wide enough that sends share tasks at this rate: the kills then land on
+            # batches, which must lose and duplicate nothing either.
+            env["SWITCHBOARD_SEND_BATCH_WINDOW_MS"] = str(self.batch_window_ms)
             # Assigned before starting, so a start that fails half-way is still stopped.
             system = FaultSystem(env, self.directory / "logs")
             system.start()
@@ -858,6 +884,7 @@ class Scenario:
             self._sleep_until(load_started + self.duration)
             load.stop()
             self._say(f"load stopped: {len(load.sends)} sends")
+            batches = _send_batches(system.url())
             last = max((f.recovered or f.started for f in faults), default=time.time())
             converged_at = self._wait_converged(postgres, load, last + self.settle)
             converged_after = None if converged_at is None else max(0.0, converged_at - last)
@@ -866,6 +893,7 @@ class Scenario:
             system.check_processes()
             self.errors.extend(system.failures)
             report = self._count(postgres, redis_server, load, faults, converged_after)
+            report.batch_tasks, report.batched_sends = batches
             report.logs = system.logs() + "\n--- postgres\n" + _tail(postgres.log_path)
             return report
         finally:

@@ -17,7 +17,7 @@ import sqlalchemy
 from sqlalchemy import func, select, text
 
 from app.auth import mint_token
-from app.events import EVENTS_CHANNEL
+from app.events import events_channel, redis_db_of
 from app.models import Broadcast, BroadcastQuotaUsage, BroadcastRecipient, User, UserEvent
 from app.problems import ApiError
 from app.services.broadcasts import (
@@ -300,7 +300,7 @@ def test_chunks_are_idempotent_and_each_is_one_announcement(app, make_user, show
         make_user(f"att{i}", role="attendee")  # 7 attendees: chunks of 3, 3 and 1
     broadcast_id = accept(app, show.organizer.id)
     subscriber = redis.Redis.from_url(redis_url).pubsub()
-    subscriber.subscribe(EVENTS_CHANNEL)
+    subscriber.subscribe(events_channel(redis_db_of(redis.Redis.from_url(redis_url))))
     wait_for(lambda: subscriber.get_message(timeout=0.1))  # the subscribe confirmation
     try:
         assert fan_out_all(app, broadcast_id, chunk_size=3) == ["delivered", "delivered", "stored"]

@@ -157,7 +157,7 @@ def test_a_task_that_can_never_succeed_rejects_the_send(app, client, auth, pair,
     def broken(*_args, **_kwargs):
         raise RuntimeError("a bug in the policy check")
 
-    monkeypatch.setattr("app.services.messages.decide_send", broken)
+    monkeypatch.setattr("app.services.messages.decide_for_recipients", broken)
     with pytest.raises(RuntimeError):
         send_message.apply(args=[message_id]).get()
     status = client.get(f"/v1/messages/{message_id}", headers=auth(alice)).json

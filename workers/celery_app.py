@@ -214,8 +214,11 @@ def init_celery(flask_app: Flask, settings: Settings) -> Celery:
     celery.flask_app = flask_app  # type: ignore[attr-defined]
     flask_app.extensions["celery"] = celery
     # Importing registers the tasks with the app.
-    import workers.tasks  # noqa: F401
+    import workers.tasks
 
+    workers.tasks.configure_send_batches(
+        window_ms=settings.send_batch_window_ms, max_batch=settings.send_batch_max
+    )
     return celery
 
 

@@ -7,20 +7,24 @@ Task names carry their queue: `switchboard.direct.*` tasks go to the direct queu
 
 from __future__ import annotations
 
+import atexit
 import logging
 import uuid
+from collections import Counter
 
 from flask import current_app
 from sqlalchemy.orm import Session
 
+from app.db import after_commit
 from app.policy import Decision
 from app.services.attachments import check_message_attachments, delete_objects
 from app.services.broadcasts import fan_out_chunk, reject_broadcast
-from app.services.messages import reject_send, store_message
-from monitoring.metrics import BROADCAST_ENQUEUE_FAILURES, SEND_ENQUEUE_FAILURES
+from app.services.messages import reject_send, store_messages
+from monitoring.metrics import BROADCAST_ENQUEUE_FAILURES, SEND_BATCH_SIZE, SEND_ENQUEUE_FAILURES
 from schedules import RUN_JOB_TASK
 from schedules.runner import run_job
-from workers.celery_app import BROKER_ERRORS, SwitchboardTask, celery
+from workers.celery_app import BROKER_ERRORS, PermanentError, SwitchboardTask, celery
+from workers.send_batches import SendBatcher
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +47,113 @@ class SendTask(SwitchboardTask):
         reject_send(session, message_id, INTERNAL_FAILURE)
 
 
-@celery.task(bind=True, base=SendTask, name="switchboard.direct.send_message")
-def send_message(task, message_id: str) -> str:
-    """Decide and store one accepted send; safe to run any number of times. A send with
-    attachments has their bytes checked first, before any lock is taken."""
+class SendBatchTask(SwitchboardTask):
+    abstract = True
+
+    def on_permanent_failure(self, session: Session, args: tuple, kwargs: dict) -> None:
+        """A batch that can never succeed as a whole is split: each send is enqueued on
+        its own, where it is stored or, if it alone is the cause, ends rejected."""
+        message_ids = kwargs.get("message_ids", args[0] if args else None)
+        if not isinstance(message_ids, list):
+            log.error("store_sends failed for malformed ids %r: nothing to reject", message_ids)
+            return
+        good = []
+        for message_id in message_ids:
+            try:
+                good.append(str(uuid.UUID(str(message_id))))
+            except ValueError:
+                log.error("store_sends got a malformed id %r: skipped", message_id)
+        if len(good) == 1:
+            reject_send(session, good[0], INTERNAL_FAILURE)
+            return
+
+        def enqueue_one_by_one() -> None:
+            for message_id in good:
+                try:
+                    send_message.apply_async(args=[message_id])
+                except BROKER_ERRORS as exc:
+                    SEND_ENQUEUE_FAILURES.inc()
+                    log.warning("could not enqueue send %s, the sweeper will: %r", message_id, exc)
+
+        after_commit(session, enqueue_one_by_one)
+
+
+def _store(task: SwitchboardTask, message_ids: list[str]) -> list[str]:
     session, policy = task.session, current_app.extensions["switchboard.policy"]
     store = current_app.extensions["switchboard.storage"]
-    return store_message(
+    results = store_messages(
         session,
         policy,
-        message_id,
+        message_ids,
         check_attachments=lambda queued_id: check_message_attachments(
             session, policy, store, queued_id
         ),
-    ).outcome
+    )
+    return [result.outcome for result in results]
+
+
+@celery.task(bind=True, base=SendBatchTask, name="switchboard.direct.store_sends")
+def store_sends(task, message_ids: list[str]) -> dict[str, int]:
+    """Decide and store a batch of accepted sends in one transaction; safe to run any
+    number of times. Returns how many ended each way."""
+    if not isinstance(message_ids, list) or not message_ids:
+        raise PermanentError(f"store_sends needs a list of message ids, got {message_ids!r}")
+    return dict(Counter(_store(task, message_ids)))
+
+
+@celery.task(bind=True, base=SendTask, name="switchboard.direct.send_message")
+def send_message(task, message_id: str) -> str:
+    """Decide and store one accepted send; safe to run any number of times (what a
+    batch that failed as a whole is split into, and what older web processes enqueue)."""
+    return _store(task, [message_id])[0]
+
+
+def _publish_batch(message_ids: list[str]) -> None:
+    store_sends.apply_async(args=[message_ids])
+    SEND_BATCH_SIZE.observe(len(message_ids))
+
+
+def _count_lost_batch(message_ids: list[str], exc: BaseException) -> None:
+    SEND_ENQUEUE_FAILURES.inc(len(message_ids))
+    log.warning("could not enqueue %d sends, the sweeper will: %r", len(message_ids), exc)
+
+
+# The process's batcher, made by `configure_send_batches` (from the settings, in
+# init_celery); its thread starts on the first send.
+_send_batcher: SendBatcher | None = None
+
+
+def configure_send_batches(*, window_ms: float, max_batch: int) -> SendBatcher:
+    global _send_batcher
+    if _send_batcher is not None:
+        _send_batcher.flush()
+    _send_batcher = SendBatcher(
+        _publish_batch,
+        window=window_ms / 1000,
+        max_batch=max_batch,
+        broker_errors=BROKER_ERRORS,
+        on_failure=_count_lost_batch,
+    )
+    return _send_batcher
 
 
 def enqueue_send(message_id: uuid.UUID) -> None:
-    """Hand a committed send to the workers. If the broker cannot take it, the send is
-    safe in PostgreSQL as `queued` and the redispatch job enqueues it again within
-    seconds of the broker coming back, so the failure is counted, not raised."""
-    try:
-        send_message.apply_async(args=[str(message_id)])
-    except BROKER_ERRORS as exc:
-        SEND_ENQUEUE_FAILURES.inc()
-        log.warning("could not enqueue send %s, the sweeper will: %r", message_id, exc)
+    """Hand a committed send to the workers, with the next batch. If the broker cannot
+    take it, the send is safe in PostgreSQL as `queued` and the redispatch job enqueues
+    it again within seconds of the broker coming back, so the failure is counted (by the
+    batcher), not raised."""
+    if _send_batcher is None:
+        raise RuntimeError("enqueue_send before init_celery configured the send batches")
+    _send_batcher.add(message_id)
+
+
+def flush_sends() -> None:
+    """Publish the sends this process still holds (at exit; tests that need them now)."""
+    if _send_batcher is not None:
+        _send_batcher.flush()
+
+
+atexit.register(flush_sends)
 
 
 INTERNAL_BROADCAST_FAILURE = Decision(

@@ -14,11 +14,13 @@ def register_blueprints(app: Flask) -> None:
     from app.api.me import blueprint as me
     from app.api.messages import blueprint as messages
     from app.api.moderation import blueprint as moderation
+    from app.api.openapi import blueprint as openapi
     from app.api.people import blueprint as people
     from app.api.stream import blueprint as stream
     from app.api.stream import sock
 
     app.register_blueprint(health)
+    app.register_blueprint(openapi)
     app.register_blueprint(admin)
     app.register_blueprint(me)
     app.register_blueprint(conversations)

@@ -7,14 +7,23 @@ from typing import Annotated
 
 from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from app.policy import Policy
+from app.problems import ApiError
 from app.services import conversations as service
 from app.services.messages import history
-from app.services.sends import accept_send
+from app.services.sends import SenderRef, accept_plain_send, accept_send
 from app.validation import ExternalId
-from app.web import current_user, object_store, parse_body, parse_query, session
+from app.web import (
+    current_claims,
+    current_user,
+    database,
+    object_store,
+    parse_body,
+    parse_query,
+    session,
+)
 from workers.tasks import enqueue_send
 
 log = logging.getLogger(__name__)
@@ -144,19 +153,42 @@ def list_messages(conversation_id: str) -> ResponseReturnValue:
 @blueprint.post("/conversations/<conversation_id>/messages")
 def send(conversation_id: str) -> ResponseReturnValue:
     """Validate, pre-check and record the send; the worker decides and stores it.
-    202 with the id once the send is committed, so an accepted send is never lost."""
-    user, body = current_user(), parse_body(SendBody)
-    db = session()
-    accepted = accept_send(
-        db,
-        policy(),
-        user,
-        conversation_id,
-        body.body,
-        body.client_id,
-        enqueue=enqueue_send,
-        attachment_ids=body.attachment_ids,
-        store=object_store(),
-    )
-    db.commit()
+    202 with the id once the send is committed, so an accepted send is never lost.
+
+    No `User` is loaded: the pre-check query answers 401 `unknown_user` itself."""
+    claims = current_claims()
+    try:
+        body = parse_body(SendBody)
+    except (ApiError, ValidationError):
+        # A bad body from an unprovisioned user's token is a 401, as on every route
+        # (the user is checked before the body). Only this error path pays the look-up.
+        current_user()
+        raise
+    sender = SenderRef(claims.user_id, claims.tenant_id)
+    if not body.attachment_ids:
+        # Two atomic statements on an autocommit connection: no transaction, no session.
+        with database().autocommit_engine.connect() as connection:
+            accepted = accept_plain_send(
+                connection,
+                policy(),
+                sender,
+                conversation_id,
+                body.body,
+                body.client_id,
+                enqueue=enqueue_send,
+            )
+    else:
+        db = session()
+        accepted = accept_send(
+            db,
+            policy(),
+            sender,
+            conversation_id,
+            body.body,
+            body.client_id,
+            enqueue=enqueue_send,
+            attachment_ids=body.attachment_ids,
+            store=object_store(),
+        )
+        db.commit()
     return {"id": str(accepted.message_id), "status": accepted.status}, 202

@@ -8,6 +8,12 @@ type) is answered with `{type: "error", data: {code, message}}` and the socket s
 So is a frame past the user's frame limit (`[rate_limit.frames]`): `code: rate_limited`,
 with `retry_after` (whole seconds) in `data`; the frame is dropped.
 Frames outside the user's event log (typing, error) carry no `id`.
+
+One greenlet per socket: the route's own, which reads the socket (`read_frames`: wsproto
+events, pings, the frame limit, the token's expiry). simple-websocket's reader thread is
+not started (`_NoThread`): a greenlet costs about 8 KiB however idle, and 5,000 sockets
+must fit in 30 KiB each. The socket's writer runs only while it has something to write
+(app/stream/connection.py).
 """
 
 from __future__ import annotations
@@ -17,20 +23,21 @@ import json
 import logging
 import math
 import re
+import select
 import socket
-import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy.exc
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
-from sqlalchemy import select
+from sqlalchemy import select as sql_select
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from app.auth import load_user, parse_bearer
-from app.events import EVENTS_CHANNEL
 from app.input_checks import parse_untrusted_json
 from app.models import Participant
 from app.policy.schema import RateLimit
@@ -40,7 +47,9 @@ from app.services.access import parse_uuid
 from app.stream.connection import (
     CLOSE_BAD_REQUEST,
     CLOSE_INTERNAL_ERROR,
+    CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
     CLOSE_TOKEN_EXPIRED,
     CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
@@ -55,6 +64,7 @@ blueprint = Blueprint("stream", __name__, url_prefix="/v1")
 sock = Sock()
 
 TYPING_INTERVAL_SECONDS = 2.0
+RECEIVE_BYTES = 4096  # per read of a client's socket (what simple-websocket reads)
 _EVENT_ID = re.compile(r"[0-9]{1,18}", re.ASCII)
 MEMBERSHIP_CACHE_SECONDS = 30.0
 
@@ -126,7 +136,7 @@ class TypingRelay:
         with self._event_log.session() as session:
             members = list(
                 session.scalars(
-                    select(Participant.user_id).where(
+                    sql_select(Participant.user_id).where(
                         Participant.conversation_id == conversation_id
                     )
                 )
@@ -151,17 +161,56 @@ class TypingRelay:
             return None  # rate-limited: typing is a hint, dropping repeats loses nothing
         self._last_sent[conversation_id] = now
         client = current_app.extensions["switchboard.redis"]
+        hub = current_app.extensions["switchboard.hub"]
         data = {"conversation_id": str(conversation_id), "user_id": self.user_id}
         pipeline = client.pipeline(transaction=False)
         for other in others:
             pipeline.publish(
-                EVENTS_CHANNEL,
+                hub.user_channel(other),
                 # No `id`: typing is not logged, and an announcement without one is
                 # written to the socket as it is (StreamConnection._deliver).
                 json.dumps({"user_id": other, "type": "typing", "data": data}),
             )
         pipeline.execute()
         return None
+
+
+class _NoThread:
+    """simple-websocket's reader thread, never started: `read_frames` reads on the route's
+    own greenlet instead, so a socket costs one greenlet, not two."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, target: Any = None, **_: Any) -> None:
+        self.name = "stream-reader"
+
+    def start(self) -> None:
+        pass
+
+
+class _NoEvent:
+    """simple-websocket's "a message arrived" event, unused as its reader never runs."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return False
+
+
+@blueprint.record_once
+def _no_reader_thread(state: Any) -> None:
+    # flask-sock builds each socket's simple_websocket.Server from SOCK_SERVER_OPTIONS.
+    options = state.app.config.setdefault("SOCK_SERVER_OPTIONS", {})
+    options.update(thread_class=_NoThread, event_class=_NoEvent)
 
 
 @blueprint.before_request
@@ -239,29 +288,31 @@ def serve_stream(ws: Any) -> None:
     )
     # Registered before the writer reads the log: an event committed after the user row
     # was read is either replayed by the writer or announced to it; none falls between.
-    hub.register(connection)
-    writer = threading.Thread(target=connection.run_writer, name=f"stream-{user_id}", daemon=True)
-    writer.start()
-    typing = TypingRelay(user_id, tenant_id, event_log)
+    # (Until the hub's subscription to this user is confirmed, the confirmation's
+    # CATCH_UP does the reading: see app/stream/hub.py.)
+    connection.replay_at_start = hub.register(connection)
+    connection.start()
+    typing: TypingRelay | None = None  # made on the first client frame: most send none
     frame_limit = FrameLimit(
         limiter, tenant_id, user_id, app.extensions["switchboard.policy"].rate_limit_frames
     )
     expires_at = time.monotonic() + max(0.0, claims.expires_at.timestamp() - time.time())
     try:
-        while not connection.finished.is_set():
-            remaining = expires_at - time.monotonic()
-            if remaining <= 0:
-                connection.request_close(
-                    CLOSE_TOKEN_EXPIRED, "token_expired: reconnect with a fresh token"
-                )
-                break
-            data = ws.receive(timeout=min(remaining, 60.0))
-            if data is None:
-                continue
-            reply = frame_limit.refusal() or handle_client_frame(typing, data)
+        for data in read_frames(
+            ws,
+            connection,
+            ping_interval=settings.stream_ping_interval,
+            max_bytes=settings.stream_max_frame_bytes,
+            expires_at=expires_at,
+        ):
+            reply = frame_limit.refusal()
+            if reply is None:
+                if typing is None:
+                    typing = TypingRelay(user_id, tenant_id, event_log)
+                reply = handle_client_frame(typing, data)
             if reply is not None:
                 connection.send_frame(reply)
-    except ConnectionClosed:
+    except (ConnectionClosed, OSError):
         pass
     except Exception:
         # Never a silent 1000 that tells the client all is well: say something broke.
@@ -271,7 +322,74 @@ def serve_stream(ws: Any) -> None:
     finally:
         hub.unregister(connection)
         connection.request_close(CLOSE_NORMAL, "")
-        writer.join(timeout=settings.stream_slow_consumer_grace + 1)
+        connection.join(timeout=settings.stream_slow_consumer_grace + 1)
+
+
+def read_frames(
+    ws: Any,
+    connection: StreamConnection,
+    *,
+    ping_interval: float,
+    max_bytes: int,
+    expires_at: float,
+) -> Iterator[str | bytes]:
+    """The client's messages, read on the route's greenlet until the socket closes.
+
+    Does what simple-websocket's reader thread would: answers pings, pings the client
+    every `ping_interval` seconds and closes with 1008 when the previous ping went
+    unanswered, closes with 1009 a message larger than `max_bytes`, answers a close.
+    Also closes with 4002 when the token expires. Closes go through the connection's
+    writer, so they never cut a frame in two."""
+    sock, protocol = ws.sock, ws.ws
+    next_ping = time.monotonic() + ping_interval
+    pong_received = True
+    parts: list[Any] = []
+    size = 0
+    while ws.connected and not connection.closed:
+        now = time.monotonic()
+        if now >= expires_at:
+            connection.request_close(
+                CLOSE_TOKEN_EXPIRED, "token_expired: reconnect with a fresh token"
+            )
+            return
+        if now >= next_ping:
+            if not pong_received:
+                connection.request_close(CLOSE_POLICY_VIOLATION, "Ping/Pong timeout")
+                return
+            pong_received = False
+            sock.send(protocol.send(Ping()))
+            next_ping = now + ping_interval
+        # poll, not select: select refuses descriptors past 1,024, and one process holds
+        # 5,000 sockets. (Both are gevent's under gevent.)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        if not poller.poll(max(0.0, min(next_ping, expires_at) - now) * 1000):
+            continue
+        data = sock.recv(RECEIVE_BYTES)
+        if not data:
+            return  # the client went away, or the writer shut the socket down
+        protocol.receive_data(data)
+        for event in protocol.events():
+            if isinstance(event, Ping):
+                sock.send(protocol.send(event.response()))
+            elif isinstance(event, Pong):
+                pong_received = True
+            elif isinstance(event, CloseConnection):
+                ws.connected = False  # nothing more is written but the answer
+                ws.close_reason, ws.close_message = event.code, event.reason
+                with contextlib.suppress(OSError):
+                    sock.send(protocol.send(event.response()))
+                return
+            elif isinstance(event, TextMessage | BytesMessage):
+                size += len(event.data)
+                if size > max_bytes:
+                    connection.request_close(CLOSE_MESSAGE_TOO_BIG, "Message is too big")
+                    return
+                parts.append(event.data)
+                if event.message_finished:
+                    message = parts[0] if len(parts) == 1 else parts[0][:0].join(parts)
+                    parts, size = [], 0
+                    yield message
 
 
 def handle_client_frame(typing: TypingRelay, data: str | bytes) -> dict[str, Any] | None:

@@ -6,17 +6,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, case, exists, func, select, tuple_, update
+from sqlalchemy import Select, bindparam, exists, func, select, text, tuple_, update
 from sqlalchemy.orm import Session, aliased
 
-from app.events import append_events
+from app.events import EventGroup, append_event_groups, append_events
 from app.models import AuditLog, Conversation, Message, Participant, User
-from app.policy import ALLOW, Decision, Policy
+from app.policy import ALLOW, Actor, Decision, Policy
 from app.problems import Forbidden, NotFound
 from app.services.access import (
     actor,
@@ -32,6 +32,7 @@ from app.services.attachments import (
     rejected_attachments,
     release_attachments,
 )
+from app.statements import DriverStatement
 from app.storage import ObjectStore
 from monitoring.metrics import MESSAGES
 
@@ -60,16 +61,32 @@ def decide_send(
     body: str,
     attachment_count: int = 0,
 ) -> Decision:
-    """May `sender` send `body` (with this many attachments) in this conversation? The
-    API's pre-check and the worker's authoritative check both ask this."""
+    """May `sender` send `body` (with this many attachments) in this conversation?
+    Loads the other participants and their blocks, then asks `decide_for_recipients`."""
+    recipients = other_participants(session, conversation_id, sender.id)
+    blocked_by = {r.id for r in recipients if is_blocked(session, r.id, sender.id)}
+    return decide_for_recipients(
+        policy, actor(sender), [actor(r) for r in recipients], blocked_by, body, attachment_count
+    )
+
+
+def decide_for_recipients(
+    policy: Policy,
+    sender: Actor,
+    recipients: Sequence[Actor],
+    blocked_by: Collection[str],
+    body: str,
+    attachment_count: int = 0,
+) -> Decision:
+    """The send decision from plain data: the body's shape first, then each other
+    participant in id order (`blocked_by`: the ids of those who blocked the sender).
+    The first refusal wins, so the reason a sender sees does not depend on who asks."""
     body_check = policy.check_body(body, attachment_count)
     if not body_check:
         return body_check
-    for recipient in other_participants(session, conversation_id, sender.id):
+    for recipient in sorted(recipients, key=lambda r: r.id):
         decision = policy.may_reply(
-            actor(sender),
-            actor(recipient),
-            blocked_by_recipient=is_blocked(session, recipient.id, sender.id),
+            sender, recipient, blocked_by_recipient=recipient.id in blocked_by
         )
         if not decision:
             return decision
@@ -82,10 +99,120 @@ class StoreResult:
     outcome: str  # "stored", "rejected", "duplicate" (decided before) or "missing"
 
 
-# The send as the API recorded it, read without a lock (to learn its conversation).
-_QUEUED_SEND = select(Message.conversation_id, Message.status, Message.attachment_count).where(
-    Message.id == bindparam("message_id")
+NOT_A_MEMBER = Decision(False, "conversation_not_found", "You are not in this conversation.")
+
+# The batch store's statements, built once; values are bound at execution. Arrays are
+# passed whole (`= ANY`, `unnest`), so a batch of any size is the same few round trips.
+#
+# Which of the sends still wait, and in which conversations: read without a lock.
+_QUEUED_SENDS = text(
+    """
+    SELECT id, conversation_id, status, attachment_count FROM messages
+    WHERE id = ANY(CAST(:ids AS uuid[]))
+    """
 )
+# The conversations, locked in id order (every path locks a conversation before its
+# messages, participants and users' sequences, so no two wait on each other in turn).
+_LOCK_CONVERSATIONS = text(
+    """
+    SELECT id, last_message_id, last_activity_at FROM conversations
+    WHERE id = ANY(CAST(:ids AS uuid[])) ORDER BY id FOR UPDATE
+    """
+)
+# The sends still queued, claimed, with what deciding them needs: the sender, the
+# conversation's members (read after its lock is held, so as they are now) and which of
+# them blocked the sender.
+_CLAIM_SENDS = text(
+    """
+    SELECT m.id, m.conversation_id, m.sender_id, m.client_id, m.body, m.created_at,
+           m.attachment_count, u.tenant_id, u.role, u.tier,
+           ARRAY(SELECT json_build_array(mu.id, mu.tenant_id, mu.role, mu.tier)
+                 FROM participants AS p JOIN users AS mu ON mu.id = p.user_id
+                 WHERE p.conversation_id = m.conversation_id) AS members,
+           ARRAY(SELECT b.blocker_id FROM blocks AS b
+                 JOIN participants AS p
+                   ON p.conversation_id = m.conversation_id AND p.user_id = b.blocker_id
+                 WHERE b.blocked_id = m.sender_id) AS blocked_by
+    FROM messages AS m JOIN users AS u ON u.id = m.sender_id
+    WHERE m.id = ANY(CAST(:ids AS uuid[])) AND m.status = 'queued'
+    ORDER BY m.created_at, m.id
+    FOR UPDATE OF m
+    """
+)
+# Storing, in one statement: mark the sends stored, move the latest message of the
+# conversations where a send is now the newest, and bump each member's unread count by
+# the stored sends of others it has not read past. Sends are stored out of acceptance
+# order (workers run side by side), so this compares positions rather than trusting
+# arrival order. The count is computed in the SET from the participant row being
+# updated, so if a read moved the position first PostgreSQL re-evaluates it against the
+# updated row and the count stays exact. (The CTEs touch other tables than the final
+# UPDATE, so one snapshot is no hazard.)
+_STORE = text(
+    """
+    WITH stored AS (
+        UPDATE messages AS m
+        SET status = 'stored', expires_at = v.expires_at, decided_at = clock_timestamp()
+        FROM unnest(CAST(:s_ids AS uuid[]), CAST(:s_expires_at AS timestamptz[]))
+             AS v(id, expires_at)
+        WHERE m.id = v.id
+        RETURNING m.id
+    ), moved AS (
+        UPDATE conversations AS c SET last_activity_at = v.at, last_message_id = v.message_id
+        FROM unnest(CAST(:moved_ids AS uuid[]), CAST(:moved_at AS timestamptz[]),
+                    CAST(:moved_message_ids AS uuid[])) AS v(id, at, message_id)
+        WHERE c.id = v.id
+        RETURNING c.id
+    )
+    UPDATE participants AS p
+    SET last_activity_at = GREATEST(p.last_activity_at, v.latest_at),
+        unread_count = p.unread_count + (
+            SELECT count(*)
+            FROM unnest(CAST(:s_conversations AS uuid[]), CAST(:s_senders AS text[]),
+                        CAST(:s_created AS timestamptz[]), CAST(:s_ids AS uuid[]))
+                 AS s(conversation_id, sender_id, created_at, id)
+            WHERE s.conversation_id = p.conversation_id AND s.sender_id <> p.user_id
+              AND (p.last_read_at IS NULL
+                   OR (p.last_read_at, p.last_read_message_id) < (s.created_at, s.id)))
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:latest_at AS timestamptz[]))
+         AS v(conversation_id, latest_at)
+    WHERE p.conversation_id = v.conversation_id
+    RETURNING p.conversation_id, p.user_id
+    """
+)
+_MARK_REJECTED = text(
+    """
+    UPDATE messages
+    SET status = 'rejected', body = NULL, rejection_reason = :reason,
+        decided_at = clock_timestamp()
+    WHERE id = :id
+    """
+)
+
+
+# Run by the driver (app/statements.py): a batch is five statements, each at half the
+# client CPU of SQLAlchemy's execution.
+_QUEUED_SENDS_ON_DRIVER = DriverStatement(_QUEUED_SENDS, label="queued sends")
+_LOCK_CONVERSATIONS_ON_DRIVER = DriverStatement(_LOCK_CONVERSATIONS, label="lock conversations")
+_CLAIM_SENDS_ON_DRIVER = DriverStatement(_CLAIM_SENDS, label="claim sends")
+_STORE_ON_DRIVER = DriverStatement(_STORE, label="store sends")
+_MARK_REJECTED_ON_DRIVER = DriverStatement(_MARK_REJECTED, label="reject send")
+
+
+@dataclass(slots=True)
+class _StoredSend:
+    """A send as `message_json` reads it, once stored (or the fields it needs)."""
+
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    sender_id: str
+    client_id: str
+    body: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    status: str = "stored"
+    deleted_at: datetime | None = None
+    delete_reason: str | None = None
+    rejection_reason: str | None = None
 
 
 def store_message(
@@ -95,134 +222,210 @@ def store_message(
     *,
     check_attachments: Callable[[uuid.UUID], object] | None = None,
 ) -> StoreResult:
-    """Decide one accepted send and store (or reject) it, exactly once however often
-    it is run.
+    """Decide one accepted send and store (or reject) it; see `store_messages`."""
+    return store_messages(session, policy, [message_id], check_attachments=check_attachments)[0]
 
-    In one transaction: lock the conversation (sends, reads and deletes in one
-    conversation take turns, always conversation first, then participants, then the
-    users' event sequences, so no two paths wait on each other in opposite orders),
-    claim the queued row, re-check the policy, mark the message stored at the time the
-    API accepted it, move the conversation's activity, bump the unread counts of the
-    recipients who have not read past it and append the events.
+
+def store_messages(
+    session: Session,
+    policy: Policy,
+    message_ids: Sequence[str | uuid.UUID],
+    *,
+    check_attachments: Callable[[uuid.UUID], object] | None = None,
+) -> list[StoreResult]:
+    """Decide a batch of accepted sends and store (or reject) each, exactly once however
+    often it is run, in the caller's one transaction and about ten round trips whatever
+    the batch's size. Returns one result per distinct id, in the order given.
+
+    Each send is decided on its own, as if stored alone: lock the conversations (in id
+    order), claim the sends still queued, re-check the policy against each send's
+    conversation as it is now, mark the stored ones stored at the time the API accepted
+    them, move each conversation's latest message, bump the unread counts of the
+    recipients who have not read past each send, and append every event (announced
+    after commit). A send with attachments has their bytes checked first, before any
+    lock is taken, by `check_attachments(message_id)`.
     """
-    message_id = uuid.UUID(str(message_id))
-    found = session.execute(_QUEUED_SEND, {"message_id": message_id}).first()
-    if found is None:
-        # Its conversation was deleted with it; nothing is waiting for a decision.
-        MESSAGES.labels("missing").inc()
-        return StoreResult(message_id, "missing")
-    if found.status != "queued":
-        MESSAGES.labels("duplicate").inc()
-        return StoreResult(message_id, "duplicate")
-    if found.attachment_count and check_attachments is not None:
-        # Downloading and decoding images takes a while: done before any lock is taken,
-        # so other sends in the conversation do not wait for it.
-        check_attachments(message_id)
-
-    conversation = session.scalars(
-        select(Conversation).where(Conversation.id == found.conversation_id).with_for_update()
-    ).one()
-    message = session.scalars(
-        select(Message).where(Message.id == message_id).with_for_update()
-    ).one()
-    if message.status != "queued":
-        # Another worker decided it while we waited for the conversation's lock.
-        MESSAGES.labels("duplicate").inc()
-        return StoreResult(message_id, "duplicate")
-
-    sender = session.get_one(User, message.sender_id)
-    if session.get(Participant, (conversation.id, sender.id)) is None:
-        decision = Decision(False, "conversation_not_found", "You are not in this conversation.")
-    else:
-        decision = decide_send(
-            session, policy, sender, conversation.id, message.body or "", message.attachment_count
+    ids = list(dict.fromkeys(uuid.UUID(str(message_id)) for message_id in message_ids))
+    found: set[uuid.UUID] = set()
+    waiting: dict[uuid.UUID, uuid.UUID] = {}  # message id -> conversation id
+    for row in _QUEUED_SENDS_ON_DRIVER.rows(session.connection(), {"ids": ids}):
+        found.add(row.id)
+        if row.status != "queued":
+            continue
+        waiting[row.id] = row.conversation_id
+        if row.attachment_count and check_attachments is not None:
+            # Downloading and decoding images takes a while: done before any lock is
+            # taken, so other sends in the conversation do not wait for it.
+            check_attachments(row.id)
+    decided = _decide_and_store(session, policy, waiting) if waiting else {}
+    results = [
+        # Not decided here: decided before (or by another worker while this one waited
+        # for the locks), or not found (its conversation was deleted with it).
+        StoreResult(
+            message_id, decided.get(message_id, "duplicate" if message_id in found else "missing")
         )
-    if decision and message.attachment_count:
+        for message_id in ids
+    ]
+    for result in results:
+        MESSAGES.labels(result.outcome).inc()
+    return results
+
+
+def _decide_and_store(
+    session: Session, policy: Policy, waiting: dict[uuid.UUID, uuid.UUID]
+) -> dict[uuid.UUID, str]:
+    """The locked part of `store_messages`: outcomes of the sends it claimed (a send
+    another worker decided while this one waited for the locks is left out)."""
+    conversation_ids = sorted(set(waiting.values()))
+    conversations = {
+        row.id: row
+        for row in _LOCK_CONVERSATIONS_ON_DRIVER.rows(
+            session.connection(), {"ids": conversation_ids}
+        )
+    }
+    claimed = _CLAIM_SENDS_ON_DRIVER.rows(session.connection(), {"ids": list(waiting)})
+    if not claimed:
+        return {}
+
+    outcome: dict[uuid.UUID, str] = {}
+    stored: list[_StoredSend] = []
+    attachments_of: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    rejections: list[EventGroup] = []
+    for send in claimed:
+        decision = _decide_claimed(session, policy, send)
+        if not decision:
+            rejections.append(_reject(session, send, decision))
+            outcome[send.id] = "rejected"
+            continue
+        stored.append(
+            _StoredSend(
+                id=send.id,
+                conversation_id=send.conversation_id,
+                sender_id=send.sender_id,
+                client_id=send.client_id,
+                body=send.body,
+                created_at=send.created_at,
+                expires_at=policy.message_expiry(send.created_at, send.tier),
+            )
+        )
+        if send.attachment_count:
+            attachments_of[send.id] = ready_attachments_for_event(session, send.id)
+        outcome[send.id] = "stored"
+    created = _store(session, stored, conversations, attachments_of) if stored else []
+    append_event_groups(session, created + rejections)
+    return outcome
+
+
+def _decide_claimed(session: Session, policy: Policy, send: Any) -> Decision:
+    """The authoritative decision on one claimed send (a row of `_CLAIM_SENDS`)."""
+    members = [Actor(*member) for member in send.members]
+    if not any(member.id == send.sender_id for member in members):
+        return NOT_A_MEMBER
+    sender = Actor(id=send.sender_id, tenant_id=send.tenant_id, role=send.role, tier=send.tier)
+    decision = decide_for_recipients(
+        policy,
+        sender,
+        [member for member in members if member.id != send.sender_id],
+        set(send.blocked_by),
+        send.body or "",
+        send.attachment_count,
+    )
+    if decision and send.attachment_count:
         # The worker checked the bytes before taking these locks (check_message_attachments).
-        failed = rejected_attachments(session, message.id)
+        failed = rejected_attachments(session, send.id)
         if failed:
             decision = Decision(
                 False,
                 "attachment_invalid",
                 "; ".join(f"Attachment {item['id']}: {item['reason']}" for item in failed),
             )
-    if not decision:
-        _reject(session, message, decision)
-        return StoreResult(message_id, "rejected")
+    return decision
 
-    now = message.created_at
-    message.status = "stored"
-    message.expires_at = policy.message_expiry(now, sender.tier)
-    message.decided_at = session.scalar(select(func.clock_timestamp()))
-    session.flush()
 
-    # Sends can be stored out of their acceptance order (workers run side by side), so
-    # "latest" and "unread" compare positions rather than trusting arrival order.
-    if conversation.last_message_id is None or conversation.last_activity_at <= now:
-        conversation.last_activity_at = now
-        conversation.last_message_id = message.id
-    position = tuple_(message.created_at, message.id)
-    unread_for_recipient = case(
-        (Participant.user_id == sender.id, 0),
-        (Participant.last_read_at.is_(None), 1),
-        (tuple_(Participant.last_read_at, Participant.last_read_message_id) < position, 1),
-        else_=0,
-    )
-    # One statement: if a concurrent read moved a read position first, PostgreSQL
-    # re-evaluates this against the updated row, so the count stays exact.
-    recipients = session.scalars(
-        update(Participant)
-        .where(Participant.conversation_id == conversation.id)
-        .values(
-            last_activity_at=func.greatest(Participant.last_activity_at, now),
-            unread_count=Participant.unread_count + unread_for_recipient,
+def _store(
+    session: Session,
+    stored: list[_StoredSend],
+    conversations: dict[uuid.UUID, Any],
+    attachments_of: dict[uuid.UUID, list[dict[str, Any]]],
+) -> list[EventGroup]:
+    """Mark `stored` stored, move each conversation's latest message and its members'
+    unread counts; the `message.created` events to append."""
+    latest: dict[uuid.UUID, _StoredSend] = {}
+    for send in stored:
+        current = latest.get(send.conversation_id)
+        if current is None or (current.created_at, current.id) < (send.created_at, send.id):
+            latest[send.conversation_id] = send
+    moved = [
+        send
+        for conversation_id, send in latest.items()
+        if conversations[conversation_id].last_message_id is None
+        or conversations[conversation_id].last_activity_at <= send.created_at
+    ]
+    recipients: dict[uuid.UUID, list[str]] = {}
+    for conversation_id, user_id in _STORE_ON_DRIVER.rows(
+        session.connection(),
+        {
+            "s_ids": [s.id for s in stored],
+            "s_expires_at": [s.expires_at for s in stored],
+            "s_conversations": [s.conversation_id for s in stored],
+            "s_senders": [s.sender_id for s in stored],
+            "s_created": [s.created_at for s in stored],
+            "moved_ids": [s.conversation_id for s in moved],
+            "moved_at": [s.created_at for s in moved],
+            "moved_message_ids": [s.id for s in moved],
+            "ids": list(latest),
+            "latest_at": [send.created_at for send in latest.values()],
+        },
+    ):
+        recipients.setdefault(conversation_id, []).append(user_id)
+    return [
+        EventGroup(
+            recipients.get(send.conversation_id, []),
+            "message.created",
+            message_json(send, attachments_of.get(send.id))
+            | {"accepted_at": send.created_at.isoformat()},
         )
-        .returning(Participant.user_id)
-    ).all()
-    attachments = (
-        ready_attachments_for_event(session, message.id) if message.attachment_count else []
-    )
-    append_events(
-        session,
-        recipients,
-        "message.created",
-        message_json(message, attachments) | {"accepted_at": now.isoformat()},
-    )
-    MESSAGES.labels("stored").inc()
-    return StoreResult(message_id, "stored")
+        for send in stored
+    ]
 
 
-def _reject(session: Session, message: Message, decision: Decision) -> None:
-    """The send ends rejected: its body goes, the reason stays, the sender is told."""
-    message.status, message.body = "rejected", None
-    message.rejection_reason = decision.rule
-    message.decided_at = session.scalar(select(func.clock_timestamp()))
+def _reject(session: Session, send: Any, decision: Decision) -> EventGroup:
+    """The send (a claimed row: id, conversation_id, client_id, sender_id and
+    attachment_count) ends rejected: its body goes, the reason stays; the returned
+    `message.rejected` event tells the sender."""
+    _MARK_REJECTED_ON_DRIVER.run(session.connection(), {"id": send.id, "reason": decision.rule})
     data = {
-        "id": str(message.id),
-        "conversation_id": str(message.conversation_id),
-        "client_id": message.client_id,
+        "id": str(send.id),
+        "conversation_id": str(send.conversation_id),
+        "client_id": send.client_id,
         "reason": decision.rule,
         "message": decision.reason,
     }
-    if message.attachment_count:
+    if send.attachment_count:
         if decision.rule == "attachment_invalid":
-            data["attachments"] = rejected_attachments(session, message.id)
-        release_attachments(session, message.id)
-    append_events(session, [message.sender_id], "message.rejected", data)
-    MESSAGES.labels("rejected").inc()
+            data["attachments"] = rejected_attachments(session, send.id)
+        release_attachments(session, send.id)
+    return EventGroup([send.sender_id], "message.rejected", data)
 
 
 def reject_send(session: Session, message_id: str | uuid.UUID, decision: Decision) -> bool:
     """Reject an accepted send that can never be stored (its task failed for good, or
     it was re-enqueued too often). False if it was decided already."""
-    message = session.scalars(
-        select(Message)
+    send = session.execute(
+        select(
+            Message.id,
+            Message.conversation_id,
+            Message.client_id,
+            Message.sender_id,
+            Message.attachment_count,
+        )
         .where(Message.id == uuid.UUID(str(message_id)), Message.status == "queued")
         .with_for_update()
     ).first()
-    if message is None:
+    if send is None:
         return False
-    _reject(session, message, decision)
+    append_event_groups(session, [_reject(session, send, decision)])
+    MESSAGES.labels("rejected").inc()
     return True
 
 

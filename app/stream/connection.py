@@ -1,11 +1,19 @@
-"""One socket's delivery: a bounded queue and the one writer that drains it.
+"""One socket's delivery: a bounded queue of items and the one writer that drains it.
 
-Everything a socket is sent goes through its queue and is written by one writer
-(a greenlet under gevent), so frames never interleave. The writer keeps the
-sequence of the last event it wrote: a live event at or below it is a duplicate
-and is skipped; one beyond the next is preceded by a replay of the gap from the
-log. So the stream a client sees is gap-free and duplicate-free, whether events
-arrive live, after a reconnect, or after the hub lost Redis for a while.
+Everything a socket is sent goes through its queue and is written by one writer, so
+frames never interleave. The writer keeps the sequence of the last event it wrote: a
+live event at or below it is a duplicate and is skipped; one beyond the next is preceded
+by a replay of the gap from the log. So the stream a client sees is gap-free and
+duplicate-free, whether events arrive live, after a reconnect, or after the hub lost
+Redis for a while.
+
+Memory: a web process holds thousands of these, nearly all idle, and under gevent every
+greenlet alive costs about 8 KiB (its share of the C stack and the interpreter's frame
+stack) whatever it does. So the writer is not a greenlet per socket waiting on a queue:
+it is started when something is queued for an idle socket and ends when the queue is
+empty again, and the queue itself (a plain deque, no Conditions) exists only while there
+is something in it. An idle socket is this object (slots, no dict) and no greenlet of
+its own beyond the route's, which reads the socket (app/api/stream.py).
 """
 
 from __future__ import annotations
@@ -13,14 +21,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import queue
 import socket
+import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy.exc
 from simple_websocket import ConnectionClosed
 
 from app.stream.log import EventLog
@@ -38,6 +48,8 @@ log = logging.getLogger(__name__)
 # Close codes (4000-4999 are for applications).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 4001
@@ -46,7 +58,12 @@ CLOSE_SLOW_CONSUMER = 4008
 CLOSE_BAD_REQUEST = 4400
 
 CATCH_UP = "catch-up"  # queue item: replay from the log whatever came after the last event
-_WAKE = "wake"  # queue item: look at the close request
+_START = "start"  # queue item: plan where the stream starts (and replay, unless deferred)
+
+# Guards every socket's handoff between `offer` and its writer (is a writer running, is
+# the queue empty). Held for a few bytecodes and never across a write or a switch, so one
+# lock for the whole process costs nothing and saves one per socket.
+_HANDOFF = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +72,38 @@ class CloseRequest:
     reason: str
 
 
+def _spawn(target: Callable[[], None]) -> Any:
+    """Start `target` in a greenlet under gevent (a thread costs several times more to
+    start, and the writer starts once per burst), else in a thread. Returns something
+    with `join(timeout)`."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        import gevent
+
+        return gevent.spawn(target)
+    thread = threading.Thread(target=target, name="stream-writer", daemon=True)
+    thread.start()
+    return thread
+
+
 class StreamConnection:
+    __slots__ = (
+        "_close_request",
+        "_closed",
+        "_items",
+        "_last_event_id",
+        "_log",
+        "_queue_size",
+        "_render",
+        "_seq_at_connect",
+        "_writer",
+        "_writing",
+        "last_seq",
+        "replay_at_start",
+        "user_id",
+        "ws",
+    )
+
     def __init__(
         self,
         ws: Any,
@@ -73,14 +121,31 @@ class StreamConnection:
         self._render = render
         self.user_id = user_id
         self.last_seq = 0
+        # False when the hub will queue CATCH_UP once this user's subscription is
+        # confirmed: reading the log before that would be a read for nothing.
+        self.replay_at_start = True
         self._log = event_log
         self._last_event_id = last_event_id
         self._seq_at_connect = seq_at_connect
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._queue_size = queue_size
+        self._items: deque[Any] | None = None
+        # True while a writer runs, and until start(): what is offered before the stream
+        # has planned where it starts is only queued.
+        self._writing = True
+        self._writer: Any = None
         self._close_request: CloseRequest | None = None
-        self.finished = threading.Event()
+        self._closed = False
 
     # --- called by the hub and the reader ----------------------------------------------
+
+    def start(self) -> None:
+        """Start the stream: the writer plans where it starts and replays what was missed,
+        then writes whatever was queued meanwhile."""
+        with _HANDOFF:
+            if self._items is None:
+                self._items = deque()
+            self._items.appendleft(_START)
+        self._writer = _spawn(self._run)
 
     def offer(self, item: Any) -> None:
         """Queue an announcement (or CATCH_UP) for the writer. Never blocks: a client too
@@ -88,9 +153,7 @@ class StreamConnection:
         (One that stops reading altogether is cut off by the socket's write timeout.)"""
         if self._close_request is not None:
             return
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if not self._queue(item):
             SLOW_CONSUMER_DISCONNECTS.inc()
             self.request_close(
                 CLOSE_SLOW_CONSUMER, "slow_consumer: the client did not read its events in time"
@@ -101,39 +164,95 @@ class StreamConnection:
         self.offer({"frame": frame})
 
     def request_close(self, code: int, reason: str) -> None:
+        """Close the socket with this code once the item being written is out (the first
+        request wins); what is still queued is dropped."""
         if self._close_request is None:
             self._close_request = CloseRequest(code, reason[:120])
-        # A full queue means the writer is busy; it sees the request after its current item.
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_WAKE)
+        self._queue(None)
+
+    @property
+    def closed(self) -> bool:
+        """The writer has closed the socket (or given up on it)."""
+        return self._closed
+
+    def join(self, timeout: float) -> None:
+        """Wait for the writer, if one runs, to finish."""
+        writer = self._writer
+        if writer is not None:
+            writer.join(timeout)
+
+    def _queue(self, item: Any) -> bool:
+        """Queue `item` (None: only wake the writer) and start the writer if it is idle.
+        False if the queue is full."""
+        with _HANDOFF:
+            if self._closed:
+                return True
+            if item is not None:
+                items = self._items
+                if items is None:
+                    items = self._items = deque()
+                elif len(items) >= self._queue_size:
+                    return False
+                items.append(item)
+            if self._writing:
+                return True
+            self._writing = True
+        self._writer = _spawn(self._run)
+        return True
+
+    def _next(self) -> Any:
+        """The next item, or None when the writer should stop (the queue is empty, or a
+        close was requested: then `_close_request` says so)."""
+        with _HANDOFF:
+            items = self._items
+            if self._close_request is None and items:
+                return items.popleft()
+            self._items = None  # no deque kept for an idle socket
+            if self._close_request is None:
+                self._writing = False
+            return None
 
     # --- the writer ---------------------------------------------------------------------
 
-    def run_writer(self) -> None:
+    def _run(self) -> None:
         try:
-            self._start()
-            while self._close_request is None:
-                item = self._queue.get()
-                if self._close_request is not None:
+            while True:
+                item = self._next()
+                if item is None:
                     break
-                if item == _WAKE:
-                    continue
                 if item == CATCH_UP:
                     self._replay(up_to=None)
+                elif item == _START:
+                    self._start()
                 elif "frame" in item:
                     self._write(item["frame"])
                 else:
                     self._deliver(item)
-            self._close(self._close_request)
+            if self._close_request is not None:
+                self._close(self._close_request)
         except SlowConsumer:
             # It reads nothing: a close frame would not get through either.
             SLOW_CONSUMER_DISCONNECTS.inc()
             STREAM_CLOSES.labels(str(CLOSE_SLOW_CONSUMER)).inc()
             self._shut_down()
-        except Exception as exc:
+        except (ConnectionClosed, OSError) as exc:
             log.debug("stream writer for %s ended: %r", self.user_id, exc)
-        finally:
-            self.finished.set()
+            self._shut_down()
+        except (
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.InterfaceError,
+            sqlalchemy.exc.TimeoutError,
+        ) as exc:
+            # The log could not be read: PostgreSQL is restarting, or every connection the
+            # stream may use is busy. The client resumes from its last id once it is back.
+            log.warning("stream writer for %s lost the database: %r", self.user_id, exc)
+            self._close(
+                CloseRequest(CLOSE_TRY_AGAIN_LATER, "database_unavailable: reconnect in a moment")
+            )
+        except Exception:
+            # A bug: say so, so the client reconnects and resumes from its last id.
+            log.exception("stream writer for %s failed", self.user_id)
+            self._close(CloseRequest(CLOSE_INTERNAL_ERROR, "internal_error: reconnect"))
 
     def _start(self) -> None:
         plan = self._log.plan(self.user_id, self._last_event_id, self._seq_at_connect)
@@ -156,9 +275,10 @@ class StreamConnection:
                     },
                 }
             )
-        # Replays what was missed, and whatever committed since the user row was read
-        # at connect (before this socket was registered with the hub).
-        self._replay(up_to=None)
+        if self.replay_at_start:
+            # What was missed, and whatever committed since the user row was read at
+            # connect (before this socket was registered with the hub).
+            self._replay(up_to=None)
 
     def _deliver(self, announcement: dict[str, Any]) -> None:
         seq = announcement.get("id")
@@ -225,6 +345,9 @@ class StreamConnection:
         self._shut_down()
 
     def _shut_down(self) -> None:
-        # Also wakes simple-websocket's reader, and with it the route waiting to receive.
+        with _HANDOFF:
+            self._closed = True
+            self._items = None
+        # Also wakes the route's reader, which then returns.
         with contextlib.suppress(OSError):
             self.ws.sock.shutdown(socket.SHUT_RDWR)
