@@ -468,3 +468,26 @@ def test_the_printed_command_works_without_the_venv_on_path(
     (tmp_path / "sibling").mkdir()
     monkeypatch.chdir(tmp_path / "sibling")
     assert cli_command(tmp_path / "sibling" / ".switchboard") == str(bin_dir / "switchboard")
+
+
+def test_web_greenlets_keep_no_spawning_tree(tmp_path: Path) -> None:
+    """Every open socket is a greenlet: gevent's record of who spawned it (with ten
+    frames of the spawner's stack) is memory on each, so the web config turns it off."""
+    settings = {
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/never",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+        **VALID_SECRETS,
+    }
+    env = process_env(tmp_path, **settings)
+    env.pop("GEVENT_TRACK_GREENLET_TREE", None)
+    probe = (
+        "import app.gunicorn_conf, gevent\n"
+        "greenlet = gevent.spawn(lambda: None)\n"
+        "print(greenlet.spawning_stack is None and greenlet.spawning_greenlet is None)\n"
+    )
+    read = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.strip() == "True"

@@ -4,6 +4,8 @@ processes) and its Celery worker line, real sockets, real PostgreSQL and Redis."
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -452,3 +454,33 @@ def test_per_message_compression_is_not_negotiated(live, make_user, token_for):
         assert "sec-websocket-extensions" not in headers
     finally:
         stream.close()
+
+
+WAIT_READABLE_PROBE = """
+import socket
+from app.api.stream import wait_readable
+ours, peer = socket.socketpair()
+results = [wait_readable(ours, 0.05)]
+peer.send(b"x")
+results.append(wait_readable(ours, 5))
+ours.recv(1)
+ours.shutdown(socket.SHUT_RDWR)  # what the writer does to end the reader
+results.append(wait_readable(ours, 5))
+print(results)
+"""
+
+
+@pytest.mark.parametrize("gevent", [False, True], ids=["threads", "gevent"])
+def test_the_reader_waits_until_the_socket_is_readable_or_shut_down(gevent: bool) -> None:
+    """The stream's reader waits on its socket without the socket's timeout (the writer's):
+    False when the wait ends unread, True on data and on a shutdown."""
+    patch = "from gevent import monkey; monkey.patch_all()\n" if gevent else ""
+    run = subprocess.run(
+        [sys.executable, "-c", patch + WAIT_READABLE_PROBE],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[False, True, True]"

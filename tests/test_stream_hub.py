@@ -225,3 +225,17 @@ def test_a_broadcast_batch_still_reaches_every_local_recipient_in_one_announceme
     assert hub.batch_announcements == 1
     for connection, _ in sockets:
         disconnect(hub, connection)
+
+
+def test_an_idle_socket_keeps_no_writer_and_no_queue(app, make_user, hub, publisher):
+    """Thousands of sockets sit idle: once its frames are out, a connection holds neither
+    its finished writer (a dead greenlet is ~3 KiB) nor an empty queue."""
+    alice = make_user("alice", role="manager")
+    connection, ws = connect(app, hub, alice.id)
+    wait_for(lambda: hub.subscribed_users() == 1)
+    commit_event(app, [alice.id], publisher, "hello")
+    wait_for(lambda: ws.ids() == [1])
+    wait_for(lambda: connection._writer is None and connection._items is None)
+    commit_event(app, [alice.id], publisher, "again")  # an idle socket still gets its events
+    wait_for(lambda: ws.ids() == [1, 2])
+    disconnect(hub, connection)

@@ -25,6 +25,7 @@ import math
 import re
 import select
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -239,19 +240,27 @@ def stream(ws: Any) -> None:
         _close(ws, CLOSE_INTERNAL_ERROR, "internal_error: reconnect")
 
 
+def _authenticate(app: Any, event_log: EventLog) -> tuple[str, str, int, float]:
+    """The socket's user id, tenant, event sequence at connect and token expiry (Unix
+    time), from the bearer header or `?token=`. Only these plain values outlive the
+    call: the claims and the ORM user would otherwise stay alive in the route's frame
+    for as long as the socket is open."""
+    header = request.headers.get("Authorization")
+    token = request.args.get("token")
+    raw = parse_bearer(header) if header or not token else token
+    claims = app.extensions["switchboard.tokens"].verify(raw)
+    with event_log.session() as session:
+        user = load_user(session, claims)
+        return user.id, user.tenant_id, user.last_event_seq, claims.expires_at.timestamp()
+
+
 def serve_stream(ws: Any) -> None:
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     settings = app.extensions["switchboard.settings"]
     event_log = app.extensions["switchboard.event_log"]
 
-    header = request.headers.get("Authorization")
-    token = request.args.get("token")
     try:
-        raw = parse_bearer(header) if header or not token else token
-        claims = app.extensions["switchboard.tokens"].verify(raw)
-        with event_log.session() as session:
-            user = load_user(session, claims)
-            user_id, tenant_id, seq_at_connect = user.id, user.tenant_id, user.last_event_seq
+        user_id, tenant_id, seq_at_connect, token_expires_at = _authenticate(app, event_log)
     except ApiError as exc:
         _close(ws, CLOSE_UNAUTHORIZED, f"{exc.code}: {exc.message}")
         return
@@ -296,7 +305,7 @@ def serve_stream(ws: Any) -> None:
     frame_limit = FrameLimit(
         limiter, tenant_id, user_id, app.extensions["switchboard.policy"].rate_limit_frames
     )
-    expires_at = time.monotonic() + max(0.0, claims.expires_at.timestamp() - time.time())
+    expires_at = time.monotonic() + max(0.0, token_expires_at - time.time())
     try:
         for data in read_frames(
             ws,
@@ -359,11 +368,7 @@ def read_frames(
             pong_received = False
             sock.send(protocol.send(Ping()))
             next_ping = now + ping_interval
-        # poll, not select: select refuses descriptors past 1,024, and one process holds
-        # 5,000 sockets. (Both are gevent's under gevent.)
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        if not poller.poll(max(0.0, min(next_ping, expires_at) - now) * 1000):
+        if not wait_readable(sock, max(0.0, min(next_ping, expires_at) - now)):
             continue
         data = sock.recv(RECEIVE_BYTES)
         if not data:
@@ -390,6 +395,28 @@ def read_frames(
                     message = parts[0] if len(parts) == 1 else parts[0][:0].join(parts)
                     parts, size = [], 0
                     yield message
+
+
+def wait_readable(sock: Any, timeout: float) -> bool:
+    """Wait until `sock` has something to read (or was shut down); False on timeout.
+
+    An idle socket spends its whole life in this wait, so what the wait holds is most
+    of what the socket costs. Under gevent it is one I/O watcher and a timer; gevent's
+    `select.poll()` would hold a poll object, a result set, an Event and its watchers
+    (about 6 KiB). Not the socket's own timeout: the writer sets that for its writes.
+    Otherwise poll, not select: select refuses descriptors past 1,024."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("socket"):
+        from gevent.socket import wait_read
+
+        try:
+            wait_read(sock.fileno(), timeout)
+        except TimeoutError:
+            return False
+        return True
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def handle_client_frame(typing: TypingRelay, data: str | bytes) -> dict[str, Any] | None:

@@ -61,8 +61,9 @@ CATCH_UP = "catch-up"  # queue item: replay from the log whatever came after the
 _START = "start"  # queue item: plan where the stream starts (and replay, unless deferred)
 
 # Guards every socket's handoff between `offer` and its writer (is a writer running, is
-# the queue empty). Held for a few bytecodes and never across a write or a switch, so one
-# lock for the whole process costs nothing and saves one per socket.
+# the queue empty). Held for a few bytecodes (and a writer's start) and never across a
+# write or a switch, so one lock for the whole process costs nothing and saves one per
+# socket.
 _HANDOFF = threading.Lock()
 
 
@@ -145,7 +146,7 @@ class StreamConnection:
             if self._items is None:
                 self._items = deque()
             self._items.appendleft(_START)
-        self._writer = _spawn(self._run)
+            self._writer = _spawn(self._run)
 
     def offer(self, item: Any) -> None:
         """Queue an announcement (or CATCH_UP) for the writer. Never blocks: a client too
@@ -197,7 +198,9 @@ class StreamConnection:
             if self._writing:
                 return True
             self._writing = True
-        self._writer = _spawn(self._run)
+            # Under the lock, so the writer cannot go idle (and forget itself) before
+            # it is remembered. (Starting a thread or a greenlet never waits on it.)
+            self._writer = _spawn(self._run)
         return True
 
     def _next(self) -> Any:
@@ -210,6 +213,9 @@ class StreamConnection:
             self._items = None  # no deque kept for an idle socket
             if self._close_request is None:
                 self._writing = False
+                # Nor the finished writer: a dead greenlet still holds ~3 KiB (its
+                # links, arguments, value) until replaced.
+                self._writer = None
             return None
 
     # --- the writer ---------------------------------------------------------------------
