@@ -18,38 +18,36 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import http.client
 import json
-import math
 import os
 import random
-import resource
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Callable
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import gevent
-import gevent.lock
 import gevent.pool
-import gevent.socket
 import psycopg
 import redis
-from psycopg import sql
+from api_dataset import TENANT, cumulative, database_url, message_body, seed, seeded_info
+from common import S3Store, http_request, percentile, process_env, run_cleanly
+from http_pool import HttpPool
+from proc_stats import (
+    ProcSample,
+    cpu_breakdown,
+    machine_busy_share,
+    machine_cpu,
+    own_cpu_seconds,
+    process_cpu,
+)
+from procs import Proc, check_alive, wait_healthy
 
-REPO = Path(__file__).resolve().parent.parent
-TENANT = "bookstore-bench"
-SEED_MARK = "switchboard-bench-seed "
 BAR_P99_MS = 50.0
 QUIET_PERCENT = 15.0  # machine CPU busy, % of all cores, that counts as quiet
 KINDS = ("list", "history", "send")
@@ -166,536 +164,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def database_url(server_url: str, name: str) -> str:
-    parts = urlsplit(server_url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
-
-
-# ----------------------------------------------------------------------------- seeding
-
-
-def _words(text: str, separator: str | None = None) -> list[str]:
-    return text.split(separator)
-
-
-FIRST = _words(
-    "Ada Ben Cleo Dev Elena Farid Greta Hugo Iris Jonas Kira Liam Maya Nils Olga Pablo Quinn "
-    "Rosa Sami Tara Umar Vera Wes Xenia Yusuf Zoe Amir Bea Chen Dora Emil Fay Gil Hana Ivo Jade"
-)
-LAST = _words(
-    "Abbott Berg Castro Dietrich Evans Fischer Garcia Horvat Ito Jensen Kowalski Larsen Moreau "
-    "Novak Okafor Petrov Quist Rossi Schmidt Tanaka Ueda Varga Weber Xu Yilmaz Zielinski"
-)
-TITLES = _words(
-    "Middlemarch|The Left Hand of Darkness|Piranesi|Beloved|Dune|The Remains of the Day|"
-    "Stoner|Kindred|Gilead|The Master and Margarita|Pachinko|The Overstory|Circe|"
-    "Normal People|A Gentleman in Moscow|The Name of the Rose|Wolf Hall|Station Eleven|"
-    "Never Let Me Go|The Dispossessed|Bleak House|Anna Karenina|The Secret History|Hyperion|"
-    "Lonesome Dove",
-    "|",
-)
-SENTENCES = (
-    "Hi, is {t} still in stock?",
-    "Do you have the hardcover edition of {t}?",
-    "I can pick it up on {d} after work.",
-    "Thanks, that works for me!",
-    "Could you hold {t} for me until {d}?",
-    "The paperback arrived today, the cover is a bit creased but it's fine.",
-    "Is there a signed copy of {t} anywhere?",
-    "We got three copies of {t} in this morning.",
-    "Sure, I'll put it aside under your name.",
-    "Our book club is reading {t} next month, can you order eight copies?",
-    "What time do you close on {d}?",
-    "I think I left my umbrella at the reading last night.",
-    "The author event for {t} moved to {d} at 7pm.",
-    "Can I exchange a gift card for store credit?",
-    "Great, see you then.",
-    "Do you buy used books? I have two boxes of sci-fi paperbacks.",
-    "Your order of {t} is ready at the front desk.",
-    "Sorry for the delay, the distributor shipped the wrong edition.",
-    "Any recommendations similar to {t}?",
-    "If you liked {t} you might enjoy {u} too.",
-    "ok",
-    "Perfect, thank you so much!",
-    "Is the discount for members also valid on preorders?",
-    "I'd like to preorder {t}, it comes out on {d}.",
-)
-DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-
-
-def message_body(rng: random.Random) -> str:
-    """A chat message of whole sentences, 20 to 300 characters, mostly short."""
-    target = 20 + int(280 * rng.random() ** 2)
-    body = ""
-    for _ in range(40):
-        sentence = rng.choice(SENTENCES).format(
-            t=rng.choice(TITLES), u=rng.choice(TITLES), d=rng.choice(DAYS)
-        )
-        longer = f"{body} {sentence}" if body else sentence
-        if len(longer) > 300 or (body and len(longer) > target):
-            if len(body) >= 20:
-                break
-            continue
-        body = longer
-    return body if len(body) >= 20 else "Thanks, see you on Saturday!"
-
-
-@dataclass
-class SeedPlan:
-    users: list[tuple[str, str, str, str, datetime]] = field(default_factory=list)
-    # (idx, id, user_a, user_b, starter, n, start_at, end_at)
-    conversations: list[tuple] = field(default_factory=list)
-    participants: list[tuple[uuid.UUID, str, int, bool]] = field(default_factory=list)
-    bodies: list[tuple[int, str]] = field(default_factory=list)
-
-
-def conversation_sizes(rng: random.Random, total: int, count: int) -> list[int]:
-    """Skewed: a few conversations of thousands of messages, most of tens."""
-    long_count = max(1, count // 1000)
-    scale = min(1.0, total / 1_000_000)
-    longs = [max(100, int(rng.randint(2000, 8000) * scale)) for _ in range(long_count)]
-    rest = [min(1500.0, max(2.0, rng.lognormvariate(math.log(25), 1.0))) for _ in range(count)]
-    rest = rest[: count - long_count]
-    budget = total - sum(longs)
-    factor = budget / sum(rest)
-    sizes = [max(2, round(x * factor)) for x in rest]
-    sizes[sizes.index(max(sizes))] += budget - sum(sizes)
-    sizes += longs
-    rng.shuffle(sizes)
-    return sizes
-
-
-def build_plan(args: argparse.Namespace, now: datetime) -> SeedPlan:
-    rng = random.Random(args.seed)
-    plan = SeedPlan()
-    managers = max(2, args.users // 100)
-    for number in range(1, args.users + 1):
-        role = "manager" if number <= managers else "member"
-        roll = rng.random()
-        tier = "free" if roll < 0.6 else "privileged" if roll < 0.9 else "privileged_plus"
-        name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-        joined = now - timedelta(days=100 + 300 * rng.random())
-        plan.users.append((f"user-{number:05d}", role, tier, name, joined))
-
-    # Popularity: a few people are in many conversations, most in a handful.
-    ids = [user[0] for user in plan.users]
-    weights = [1.0 / (rank + 5) ** 0.8 for rank in range(len(ids))]
-    rng.shuffle(weights)
-    starters = [
-        (user[0], weight)
-        for user, weight in zip(plan.users, weights, strict=True)
-        if user[1] == "manager" or user[2] != "free"
-    ]
-    starter_ids = [user_id for user_id, _ in starters]
-    starter_cum = _cumulative([weight for _, weight in starters])
-    everyone_cum = _cumulative(weights)
-
-    seen: set[str] = set()
-    sizes = conversation_sizes(rng, args.messages, args.conversations)
-    horizon = timedelta(days=90)
-    for idx, n in enumerate(sizes, start=1):
-        while True:
-            starter = rng.choices(starter_ids, cum_weights=starter_cum)[0]
-            other = rng.choices(ids, cum_weights=everyone_cum)[0]
-            key = "|".join(sorted((starter, other)))
-            if other != starter and key not in seen:
-                seen.add(key)
-                break
-        if n >= 1000:
-            start = now - horizon + timedelta(days=5 * rng.random())
-            end = now - timedelta(hours=6 * rng.random())
-        else:
-            start = now - horizon * rng.random()
-            end = start + (now - start) * rng.random() ** 0.5
-            least = timedelta(minutes=2 * n)
-            if end - start < least:
-                end = min(now - timedelta(seconds=1), start + least)
-                start = end - least
-        conversation_id = uuid.UUID(int=rng.getrandbits(128), version=4)
-        user_a, user_b = sorted((starter, other))
-        plan.conversations.append((idx, conversation_id, user_a, user_b, starter, n, start, end))
-        for user_id in (user_a, user_b):
-            tail = 0 if rng.random() < 0.7 else rng.randint(1, 5)
-            plan.participants.append((conversation_id, user_id, tail, rng.random() < 0.02))
-
-    # Drawn with repeats, so that the seeded lengths follow message_body's distribution.
-    plan.bodies = [(number, message_body(rng)) for number in range(1, 30_001)]
-    return plan
-
-
-def _cumulative(weights: list[float]) -> list[float]:
-    total, out = 0.0, []
-    for weight in weights:
-        total += weight
-        out.append(total)
-    return out
-
-
-MESSAGES_SQL = """
-INSERT INTO messages (id, tenant_id, conversation_id, sender_id, client_id, body, body_sha256,
-                      status, created_at, expires_at, deleted_at, deleted_by, delete_reason)
-SELECT gen_random_uuid(), %(tenant)s, g.conversation_id, g.sender_id, g.client_id,
-       CASE WHEN g.deleted THEN NULL ELSE b.body END,
-       encode(sha256(convert_to(b.body, 'UTF8')), 'hex'),
-       'stored', g.created_at,
-       g.created_at + make_interval(days => CASE u.tier WHEN 'free' THEN 30
-                                                        WHEN 'privileged' THEN 180 ELSE 365 END),
-       CASE WHEN g.deleted THEN least(g.created_at + g.delete_after, %(now)s) END,
-       CASE WHEN g.deleted THEN g.sender_id END,
-       CASE WHEN g.deleted THEN 'deleted_by_sender' END
-FROM (
-    SELECT p.conversation_id,
-           CASE WHEN k = 1 THEN p.starter
-                WHEN random() < 0.5 THEN p.user_a ELSE p.user_b END AS sender_id,
-           's' || p.idx || '-' || k AS client_id,
-           -- slot k of n, jittered inside the slot: strictly increasing per conversation
-           p.start_at + (p.end_at - p.start_at) * ((k - 1 + 0.9 * random()) / p.n) AS created_at,
-           1 + floor(random() * %(bodies)s)::int AS body_id,
-           random() < 0.005 AS deleted,
-           interval '1 minute' * floor(random() * 600) AS delete_after
-    FROM bench_conversation_plan p CROSS JOIN LATERAL generate_series(1, p.n) AS k
-    OFFSET 0
-) g
-JOIN bench_bodies b ON b.id = g.body_id
-JOIN users u ON u.id = g.sender_id
-"""
-
-CONVERSATION_ACTIVITY_SQL = """
-UPDATE conversations c
-SET last_activity_at = m.created_at, last_message_id = m.id
-FROM (
-    SELECT DISTINCT ON (conversation_id) conversation_id, id, created_at
-    FROM messages WHERE status = 'stored'
-    ORDER BY conversation_id, created_at DESC, id DESC
-) m
-WHERE c.id = m.conversation_id
-"""
-
-RECENT_SQL = """
-CREATE TEMP TABLE bench_recent AS
-SELECT p.conversation_id, r.id, r.created_at, r.sender_id, r.deleted_at,
-       row_number() OVER (PARTITION BY p.conversation_id
-                          ORDER BY r.created_at DESC, r.id DESC) AS rn
-FROM bench_conversation_plan p
-CROSS JOIN LATERAL (
-    SELECT id, created_at, sender_id, deleted_at FROM messages m
-    WHERE m.conversation_id = p.conversation_id AND m.status = 'stored'
-    ORDER BY created_at DESC, id DESC LIMIT 6
-) r
-"""
-
-# Each participant has read all but its `tail` newest messages: the read pointer is the
-# message just before them, and the unread count is what mark_read would count.
-PARTICIPANTS_SQL = """
-INSERT INTO participants (conversation_id, user_id, last_activity_at, last_read_at,
-                          last_read_message_id, unread_count, archived, joined_at)
-SELECT pp.conversation_id, pp.user_id, c.last_activity_at, rd.created_at, rd.id,
-       (SELECT count(*) FROM bench_recent r
-        WHERE r.conversation_id = pp.conversation_id AND r.rn <= pp.tail
-          AND r.sender_id <> pp.user_id AND r.deleted_at IS NULL),
-       pp.archived, c.created_at
-FROM bench_participant_plan pp
-JOIN conversations c ON c.id = pp.conversation_id
-LEFT JOIN bench_recent rd ON rd.conversation_id = pp.conversation_id AND rd.rn = pp.tail + 1
-"""
-
-
-def seed(args: argparse.Namespace, db_url: str) -> None:
-    from app.cli import upgrade_database
-
-    started = time.perf_counter()
-    now = datetime.now(UTC).replace(microsecond=0)
-    step = _stepper(started)
-    with psycopg.connect(args.pg_url, autocommit=True) as admin:
-        name = sql.Identifier(args.db_name)
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(name))
-    upgrade_database(db_url)
-    step("database created and migrated")
-
-    plan = build_plan(args, now)
-    step(f"plan built in Python ({len({body for _, body in plan.bodies})} distinct bodies)")
-
-    with psycopg.connect(db_url) as conn:
-        conn.execute("SET synchronous_commit = off")
-        conn.execute("SET maintenance_work_mem = '256MB'")
-        conn.execute("SET work_mem = '64MB'")
-        conn.execute("INSERT INTO tenants (id, created_at) VALUES (%s, %s)", (TENANT, now))
-        with conn.cursor().copy(
-            "COPY users (id, tenant_id, role, tier, display_name, created_at, updated_at) "
-            "FROM STDIN"
-        ) as copy:
-            for user_id, role, tier, name, joined in plan.users:
-                copy.write_row((user_id, TENANT, role, tier, name, joined, joined))
-        conn.execute(
-            """CREATE TEMP TABLE bench_conversation_plan (
-                idx int, conversation_id uuid PRIMARY KEY, user_a text, user_b text,
-                starter text, n int, start_at timestamptz, end_at timestamptz)"""
-        )
-        with conn.cursor().copy("COPY bench_conversation_plan FROM STDIN") as copy:
-            for row in plan.conversations:
-                copy.write_row(row)
-        conn.execute(
-            """INSERT INTO conversations (id, tenant_id, pair_key, subject_key, status,
-                   created_by, created_at, last_activity_at)
-               SELECT conversation_id, %s, user_a || '|' || user_b, '', 'active', starter,
-                      start_at, end_at
-               FROM bench_conversation_plan""",
-            (TENANT,),
-        )
-        conn.execute("CREATE TEMP TABLE bench_bodies (id int PRIMARY KEY, body text)")
-        with conn.cursor().copy("COPY bench_bodies FROM STDIN") as copy:
-            for row in plan.bodies:
-                copy.write_row(row)
-        conn.execute("ANALYZE users; ANALYZE bench_conversation_plan; ANALYZE bench_bodies")
-        step(f"{len(plan.users)} users, {len(plan.conversations)} conversations")
-
-        inserted = conn.execute(
-            MESSAGES_SQL, {"tenant": TENANT, "now": now, "bodies": len(plan.bodies)}
-        ).rowcount
-        step(f"{inserted} messages")
-        conn.execute("ANALYZE messages")
-        conn.execute(CONVERSATION_ACTIVITY_SQL)
-        conn.execute(RECENT_SQL)
-        conn.execute("CREATE INDEX ON bench_recent (conversation_id, rn)")
-        conn.execute(
-            """CREATE TEMP TABLE bench_participant_plan (
-                conversation_id uuid, user_id text, tail int, archived bool)"""
-        )
-        with conn.cursor().copy("COPY bench_participant_plan FROM STDIN") as copy:
-            for row in plan.participants:
-                copy.write_row(row)
-        conn.execute("ANALYZE bench_participant_plan; ANALYZE bench_recent")
-        participants = conn.execute(PARTICIPANTS_SQL).rowcount
-        step(f"conversation activity and {participants} participants with read state")
-        conn.commit()
-
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("VACUUM (ANALYZE)")
-        info = {
-            "messages": args.messages,
-            "users": args.users,
-            "conversations": args.conversations,
-            "seed": args.seed,
-            "at": now.isoformat(),
-        }
-        conn.execute(
-            sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                sql.Identifier(args.db_name), sql.Literal(SEED_MARK + json.dumps(info))
-            )
-        )
-        step("VACUUM ANALYZE")
-    print(f"seed: done in {time.perf_counter() - started:.1f} s", flush=True)
-
-
-def _stepper(started: float):
-    last = [started]
-
-    def step(what: str) -> None:
-        now = time.perf_counter()
-        print(f"seed: {what} (+{now - last[0]:.1f} s)", flush=True)
-        last[0] = now
-
-    return step
-
-
-def seeded_info(args: argparse.Namespace) -> dict | None:
-    with psycopg.connect(args.pg_url, autocommit=True) as admin:
-        row = admin.execute(
-            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
-            (args.db_name,),
-        ).fetchone()
-    if row is None or not row[0] or not row[0].startswith(SEED_MARK):
-        return None
-    return json.loads(row[0][len(SEED_MARK) :])
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Processes:
-    """The web process and the worker, started as the Procfile starts them."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = env
-        self.log_dir = log_dir
-        self.running: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, command: list[str], extra_env: dict[str, str]) -> None:
-        log = (self.log_dir / f"{name}.log").open("wb")
-        self.running[name] = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=self.env | extra_env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches us only; we stop them in order
-        )
-        log.close()
-
-    def check_alive(self) -> None:
-        for name, process in self.running.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.tail(name)}")
-
-    def tail(self, name: str, lines: int = 30) -> str:
-        path = self.log_dir / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def error_summary(self) -> list[str]:
-        """What the processes logged as errors, counted by their last line."""
-        found: Counter[tuple[str, str]] = Counter()
-        for name in self.running:
-            path = self.log_dir / f"{name}.log"
-            if not path.exists():
-                continue
-            for line in path.read_text(errors="replace").splitlines():
-                if not any(mark in line for mark in ("ERROR", "CRITICAL", "Traceback")):
-                    continue
-                what = line.strip()
-                with contextlib.suppress(ValueError, AttributeError):
-                    record = json.loads(line)
-                    what = (record.get("exc_info") or record.get("message") or line).strip()
-                found[name, what.splitlines()[-1][:160]] += 1
-        return [f"{name}: {count} x {what}" for (name, what), count in found.most_common(5)]
-
-    def logged_errors(self) -> bool:
-        """Whether a process logged a traceback or an error (gunicorn and Celery log some
-        lines at INFO whatever the log level)."""
-        for path in self.log_dir.glob("*.log"):
-            text = path.read_text(errors="replace")
-            if any(mark in text for mark in ("Traceback", "ERROR", "CRITICAL")):
-                return True
-        return False
-
-    def stop_all(self) -> None:
-        for name, process in reversed(list(self.running.items())):
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    print(f"{name} did not stop in 30 s: killing it", flush=True)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(timeout=10)
-            # Whatever the process group left behind (it was ours alone).
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-        self.running.clear()
-
-
-# ----------------------------------------------------------------------------- HTTP client
-
-
-class StaleConnection(Exception):
-    pass
-
-
-class HttpPool:
-    """Keep-alive HTTP/1.1 connections on gevent sockets, used in turn (least recently
-    used first), so that the load spreads over all of them, and so over every gunicorn
-    worker that accepted some, as traffic from many clients would.
-
-    http.client on gevent's socket cooperates without monkey-patching. A connection
-    idle for longer than the server's keep-alive is replaced before use; one that the
-    server closed under us is retried once on a fresh connection, as browsers do. When
-    every connection is busy another is opened, up to `limit`.
-    """
-
-    IDLE_LIMIT = 4.0  # gunicorn's keepalive is 5 s
-
-    def __init__(self, host: str, port: int, limit: int, timeout: float) -> None:
-        self.host, self.port, self.timeout, self.limit = host, port, timeout, limit
-        self._slots = gevent.lock.BoundedSemaphore(limit)
-        self._idle: deque[tuple[http.client.HTTPConnection, float]] = deque()
-        self.opened = 0
-        self.busiest = 0
-        self._busy = 0
-
-    def _new(self) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        conn._create_connection = gevent.socket.create_connection  # type: ignore[attr-defined]
-        self.opened += 1
-        return conn
-
-    def open(self, count: int) -> None:
-        """Connect `count` connections now, before the clock starts."""
-        for _ in range(count):
-            conn = self._new()
-            conn.connect()
-            self._idle.append((conn, time.monotonic()))
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        body: bytes | None = None,
-        on_send: Callable[[bool], None] | None = None,
-    ) -> tuple[int, bytes]:
-        """One exchange; `on_send(waited)` is called once a connection is ours, as the
-        request goes on the wire, saying whether it had to wait for a free one."""
-        waited = self._busy >= self.limit
-        with self._slots:
-            self._busy += 1
-            self.busiest = max(self.busiest, self._busy)
-            if on_send is not None:
-                on_send(waited)
-            try:
-                return self._request(method, path, headers, body)
-            finally:
-                self._busy -= 1
-
-    def _request(
-        self, method: str, path: str, headers: dict[str, str], body: bytes | None
-    ) -> tuple[int, bytes]:
-        conn, reused = None, False
-        while self._idle:
-            candidate, last_used = self._idle.popleft()
-            if time.monotonic() - last_used < self.IDLE_LIMIT:
-                conn, reused = candidate, True
-                break
-            candidate.close()
-        conn = conn or self._new()
-        try:
-            try:
-                status, data = self._exchange(conn, method, path, headers, body)
-            except StaleConnection:
-                conn.close()
-                if not reused:
-                    raise
-                conn = self._new()
-                status, data = self._exchange(conn, method, path, headers, body)
-        except BaseException:
-            conn.close()
-            raise
-        self._idle.append((conn, time.monotonic()))
-        return status, data
-
-    @staticmethod
-    def _exchange(conn, method, path, headers, body) -> tuple[int, bytes]:
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-            raise StaleConnection(str(exc)) from exc
-        return response.status, response.read()
-
-    def close(self) -> None:
-        while self._idle:
-            self._idle.popleft()[0].close()
-
-
 # ----------------------------------------------------------------------------- load
 
 
@@ -771,7 +239,7 @@ def load_workload(db_url: str, settings_env: dict[str, str], rng: random.Random)
     workload = Workload(
         conversations=[tuple(row) for row in rows], users=users, anchors=anchors, tokens=tokens
     )
-    workload.size_cum = _cumulative([max(1, row[3]) for row in rows])
+    workload.size_cum = cumulative([max(1, row[3]) for row in rows])
     return workload
 
 
@@ -871,7 +339,7 @@ def run_load(
                 message_id = json.loads(data)["id"]
         record(number, status, message_id)
 
-    cpu_before = _cpu_seconds()
+    cpu_before = own_cpu_seconds()
     for number, item in enumerate(planned):
         delay = scheduled_at(number) - time.perf_counter()
         if delay > 0:
@@ -883,118 +351,10 @@ def run_load(
         if outcome is None:  # never answered: an error, timed from its schedule until now
             record(number, 0)
     elapsed = time.perf_counter() - started
-    return [o for o in outcomes if o is not None], elapsed, _cpu_seconds() - cpu_before, pool
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def machine_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs so far, from /proc/stat."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields) - idle, sum(fields)
-
-
-@dataclass(frozen=True, slots=True)
-class ProcSample:
-    ppid: int
-    ticks: int  # user + system clock ticks so far
-    command: str
-
-
-def process_cpu() -> dict[int, ProcSample]:
-    """CPU ticks used so far by every process on the machine, from /proc (Linux only)."""
-    samples: dict[int, ProcSample] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return samples
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, UnicodeDecodeError):
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        samples[int(entry)] = ProcSample(int(fields[1]), int(fields[11]) + int(fields[12]), command)
-    return samples
-
-
-def cpu_breakdown(
-    before: dict[int, ProcSample],
-    after: dict[int, ProcSample],
-    busy_ticks: int,
-    seconds: float,
-    roles: dict[int, str],
-    db_name: str,
-) -> tuple[str, dict[str, float]]:
-    """Percent of one core used in the window by each part: ours, PostgreSQL serving our
-    database, and the rest of the machine's busy time (other people's work included,
-    and processes that came and went during the window)."""
-    ticks_per_second = os.sysconf("SC_CLK_TCK")
-    used: Counter[str] = Counter()
-    web_workers: list[float] = []
-    for pid, sample in after.items():
-        base = before.get(pid)
-        ticks = sample.ticks - (base.ticks if base and base.command == sample.command else 0)
-        role = roles.get(pid) or roles.get(sample.ppid)
-        if role is None and sample.command.startswith("postgres:"):
-            # Backends are titled "postgres: <cluster>: <user> <database> <client> <state>";
-            # the WAL writer, checkpointer and background writer work for every database.
-            if f" {db_name} " in sample.command:
-                role = "postgres for the bench db"
-            elif "writer" in sample.command or "checkpointer" in sample.command:
-                role = "postgres background"
-        elif role is None and sample.command.startswith("redis-server"):
-            role = "redis (shared)"
-        if ticks <= 0 or role is None:
-            continue
-        used[role] += ticks
-        if role == "web" and pid not in roles:
-            web_workers.append(ticks)
-    scale = 100.0 / (ticks_per_second * seconds)
-    parts = []
-    roles_shown = ("web", "worker", "generator", "postgres for the bench db")
-    for role in (*roles_shown, "postgres background", "redis (shared)"):
-        if role not in roles_shown and not used[role]:
-            continue
-        part = f"{role} {used[role] * scale:.0f}%"
-        if role == "web" and len(web_workers) > 1:
-            shares = ", ".join(f"{t * scale:.0f}%" for t in sorted(web_workers, reverse=True))
-            part += f" (gunicorn workers {shares})"
-        parts.append(part)
-    rest = max(0, busy_ticks - sum(used.values()))
-    parts.append(f"everything else {rest * scale:.0f}%")
-    heading = f"CPU during the load, % of one core (the machine has {os.cpu_count()}): "
-    seconds_by_role = {role: ticks / ticks_per_second for role, ticks in used.items()}
-    return heading + "; ".join(parts), seconds_by_role
-
-
-def machine_load_now(seconds: float = 2.0) -> float:
-    """Percent of all cores busy over the next `seconds`."""
-    first = machine_busy()
-    time.sleep(seconds)
-    second = machine_busy()
-    total = second[1] - first[1]
-    return 100.0 * (second[0] - first[0]) / total if total else 0.0
+    return [o for o in outcomes if o is not None], elapsed, own_cpu_seconds() - cpu_before, pool
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 def latency_table(outcomes: list[Outcome]) -> tuple[str, bool]:
@@ -1093,63 +453,61 @@ def machine_facts(db_url: str) -> list[str]:
 # ----------------------------------------------------------------------------- main
 
 
-def wait_ready(port: int, processes: Processes, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        processes.check_alive()
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            try:
-                conn.request("GET", "/health/ready")
-                if conn.getresponse().status == 200:
-                    return
-            finally:
-                conn.close()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"web not ready after {timeout:.0f} s:\n{processes.tail('web')}")
-        time.sleep(0.25)
-
-
-def probe_send(port: int, workload: Workload, db_url: str, processes: Processes) -> None:
+def probe_send(port: int, workload: Workload, db_url: str, procs: list[Proc]) -> None:
     """One send end to end: proves the worker consumes before the clock starts."""
     conversation = workload.conversations[0]
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    body = json.dumps({"body": "probe before the benchmark", "client_id": f"probe-{uuid.uuid4()}"})
-    conn.request(
+    status, data = http_request(
+        port,
         "POST",
         f"/v1/conversations/{conversation[0]}/messages",
-        body=body,
-        headers={
-            "Authorization": workload.tokens[conversation[1]],
-            "Content-Type": "application/json",
-        },
+        {"body": "probe before the benchmark", "client_id": f"probe-{uuid.uuid4()}"},
+        {"Authorization": workload.tokens[conversation[1]]},
     )
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    if response.status != 202:
-        raise RuntimeError(f"probe send answered {response.status}: {data[:300]!r}")
+    if status != 202:
+        raise RuntimeError(f"probe send answered {status}: {data[:300]!r}")
     message_id = json.loads(data)["id"]
     deadline = time.monotonic() + 60
     with psycopg.connect(db_url, autocommit=True) as db:
         while db.execute("SELECT 1 FROM messages WHERE id = %s", (message_id,)).fetchone() is None:
-            processes.check_alive()
+            check_alive(*procs)
             if time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not store the probe:\n{processes.tail('worker')}")
+                raise RuntimeError(f"worker did not store the probe:\n{procs[-1].tail()}")
             time.sleep(0.2)
 
 
+ERROR_MARKS = ("ERROR", "CRITICAL", "Traceback")
+
+
+def error_summary(procs: list[Proc]) -> list[str]:
+    """What the processes logged as errors, counted by their last line."""
+    found: Counter[tuple[str, str]] = Counter()
+    for proc in procs:
+        if not proc.log_path.exists():
+            continue
+        for line in proc.log_path.read_text(errors="replace").splitlines():
+            if not any(mark in line for mark in ERROR_MARKS):
+                continue
+            what = line.strip()
+            with contextlib.suppress(ValueError, AttributeError):
+                record = json.loads(line)
+                what = (record.get("exc_info") or record.get("message") or line).strip()
+            found[proc.name, what.splitlines()[-1][:160]] += 1
+    return [f"{name}: {count} x {what}" for (name, what), count in found.most_common(5)]
+
+
+def logged_errors(procs: list[Proc]) -> bool:
+    """Whether a process logged a traceback or an error (gunicorn and Celery log some
+    lines at INFO whatever the log level)."""
+    for proc in procs:
+        if proc.log_path.exists():
+            text = proc.log_path.read_text(errors="replace")
+            if any(mark in text for mark in ERROR_MARKS):
+                return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    from common import S3Store
-
     args = parse_args(argv)
-    db_url = database_url(args.pg_url, args.db_name)
-
-    def terminate(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, terminate)
     # A signal during the load arrives in gevent's hub, which passes it on to us; it
     # need not print it as an error on the way.
     hub = gevent.get_hub()
@@ -1160,7 +518,13 @@ def main(argv: list[str] | None = None) -> int:
             print_exception(context, kind, value, traceback)
 
     hub.print_exception = quiet_interrupts
+    return run_cleanly(run, args)
 
+
+def run(args: argparse.Namespace) -> int:
+    from app.embedded import free_port
+
+    db_url = database_url(args.pg_url, args.db_name)
     info = None if args.reseed else seeded_info(args)
     if info is None:
         if args.skip_seed:
@@ -1195,48 +559,50 @@ def main(argv: list[str] | None = None) -> int:
     metrics_dir = log_dir / "prometheus"
     metrics_dir.mkdir()
     s3 = S3Store()
-    settings_env = {
-        "DATABASE_URL": db_url,
-        "REDIS_URL": args.redis_url,
-        "SWITCHBOARD_SERVICE_TOKEN": SERVICE_TOKEN,
-        "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
-        "SWITCHBOARD_POLICY": "bookstore",
-        "SWITCHBOARD_LOG_LEVEL": "WARNING",
-        "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
-        **s3.start(),
-    }
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("SWITCHBOARD_", "PROMETHEUS_")) and key != "SWITCHBOARD_BROKER_URL"
-    } | settings_env
-    processes = Processes(env, log_dir)
+    procs: list[Proc] = []
     python = sys.executable
     rng = random.Random(args.seed)
     run_id = uuid.uuid4().hex[:8]
     completed = False
     try:
-        processes.start(
-            "web",
-            [python, "-m", "gunicorn", "--config", "python:app.gunicorn_conf", "app:create_app()"],
-            {
-                "PORT": str(port),
-                "WEB_CONCURRENCY": str(args.web_concurrency),
-                "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-            },
+        env = (
+            process_env(
+                db_url,
+                args.redis_url,
+                inherit_settings=False,
+                SWITCHBOARD_SERVICE_TOKEN=SERVICE_TOKEN,
+                SWITCHBOARD_JWT_SECRET=JWT_SECRET,
+                SWITCHBOARD_POLICY="bookstore",
+            )
+            | s3.start()
         )
-        processes.start(
-            "worker",
-            [
-                python, "-m", "celery", "--app", "workers.main", "worker",
-                "--queues", "direct,default", "--pool", "threads",
-                "--concurrency", str(args.worker_concurrency),
-                "--hostname", f"bench-{run_id}@%h", "--loglevel", "WARNING",
-            ],
-            {},
-        )  # fmt: skip
+        # The Procfile's lines, but for the worker's log level and name (the figures
+        # quoted are with these).
+        web_env = env | {
+            "PORT": str(port),
+            "WEB_CONCURRENCY": str(args.web_concurrency),
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        }
+        web_command = [
+            python,
+            "-m",
+            "gunicorn",
+            "--config",
+            "python:app.gunicorn_conf",
+            "app:create_app()",
+        ]
+        worker_command = [
+            python, "-m", "celery", "--app", "workers.main", "worker",
+            "--queues", "direct,default", "--pool", "threads",
+            "--concurrency", str(args.worker_concurrency),
+            "--hostname", f"bench-{run_id}@%h", "--loglevel", "WARNING",
+        ]  # fmt: skip
+        web = Proc("web", web_env, log_dir / "web.log", web_command).start()
+        procs.append(web)
+        worker = Proc("worker", env, log_dir / "worker.log", worker_command).start()
+        procs.append(worker)
         prepared = time.perf_counter()
-        workload = load_workload(db_url, settings_env, rng)
+        workload = load_workload(db_url, env, rng)
         planned = plan_requests(args, workload, run_id, rng)
         print(
             f"workload: {len(planned)} requests planned over {len(workload.conversations)} "
@@ -1244,8 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             f"conversations with before= anchors ({time.perf_counter() - prepared:.1f} s)",
             flush=True,
         )
-        wait_ready(port, processes)
-        probe_send(port, workload, db_url, processes)
+        wait_healthy(port, *procs, path="/health/ready")
+        probe_send(port, workload, db_url, procs)
         print(
             f"web on :{port} ({args.web_concurrency} gevent workers), worker with "
             f"{args.worker_concurrency} threads",
@@ -1258,12 +624,12 @@ def main(argv: list[str] | None = None) -> int:
             + f"%, {args.before_share * 100:.0f}% of history pages with before=",
             flush=True,
         )
-        quiet, waiting_since = machine_load_now(), time.monotonic()
+        quiet, waiting_since = 100.0 * machine_busy_share(2.0), time.monotonic()
         while quiet > QUIET_PERCENT and time.monotonic() - waiting_since < args.wait_quiet:
             print(
                 f"machine {quiet:.0f}% busy with other work: waiting for it to settle", flush=True
             )
-            quiet = machine_load_now(5.0)
+            quiet = 100.0 * machine_busy_share(5.0)
         print(
             f"machine CPU busy just before the load (ours idle): {quiet:.0f}% of all cores"
             + (
@@ -1274,15 +640,15 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         roles = {os.getpid(): "generator"}
-        roles |= {process.pid: name for name, process in processes.running.items()}
-        busy0, procs0, window0 = machine_busy(), process_cpu(), time.perf_counter()
+        roles |= {proc.pid: proc.name for proc in procs}
+        busy0, procs0, window0 = machine_cpu(), process_cpu(), time.perf_counter()
         load_started_wall = time.time()
         outcomes, elapsed, generator_cpu, pool = run_load(args, port, planned)
-        busy1, procs1, window = machine_busy(), process_cpu(), time.perf_counter() - window0
+        busy1, procs1, window = machine_cpu(), process_cpu(), time.perf_counter() - window0
         load_ended_wall = time.time()
         queued = sum(int(redis_client.llen(queue)) for queue in ("direct", "default"))
         pool.close()
-        processes.check_alive()
+        check_alive(*procs)
         report(args, outcomes, elapsed, generator_cpu, pool)
         if args.csv:
             write_csv(args.csv, outcomes, planned)
@@ -1316,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"worker drain: {queued} tasks were queued when the load stopped; all "
                 f"{len(ids)} accepted sends were stored {took:.1f} s after the last response"
             )
-        worker_pid = processes.running["worker"].pid
+        worker_pid = worker.pid
         worker_ticks = (
             process_cpu().get(worker_pid, ProcSample(0, 0, "")).ticks
             - procs0.get(worker_pid, ProcSample(0, 0, "")).ticks
@@ -1339,20 +705,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         stored_after = count_messages(db_url)
         print(f"messages stored after the run: {stored_after} (+{stored_after - stored_before})")
-        errors = processes.error_summary()
+        errors = error_summary(procs)
         if errors:
             print("errors the processes logged (most frequent first):")
             print("\n".join(f"  {line}" for line in errors))
         completed = True
         return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping the web process and the worker", file=sys.stderr)
-        return 130
     finally:
-        processes.stop_all()
+        for proc in reversed(procs):
+            proc.stop()
         s3.stop()
         redis_client.close()
-        if completed and not processes.logged_errors():
+        if completed and not logged_errors(procs):
             shutil.rmtree(log_dir, ignore_errors=True)
         else:
             print(f"logs of the web process and the worker kept in {log_dir}", file=sys.stderr)

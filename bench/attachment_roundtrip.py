@@ -21,7 +21,6 @@ import queue
 import re
 import shlex
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -31,7 +30,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import stream_load as sl  # the shared pieces: processes, database, figures
+from common import percentile, run_cleanly
+from proc_stats import proc_cpu_seconds, wait_quiet
+from procs import BenchRun, wait_healthy
 
 from tests.helpers import fetch, image_bytes, post_to_store
 from tests.live import http
@@ -150,49 +151,38 @@ def one_round(base: str, token: str, chat: str, photo: bytes, frames: queue.Queu
 
 
 def run(args: argparse.Namespace) -> int:
-    import redis
-    from common import S3Store, process_env
-
     from app.auth import mint_token
-    from app.embedded import free_port
     from app.settings import load_settings
 
-    work = Path(tempfile.mkdtemp(prefix="attachment_roundtrip-"))
-    port, procs, ws, s3 = free_port(), [], None, S3Store()
-    try:
+    with BenchRun("attachment_roundtrip-", args.pg_url, args.db_name, args.redis_url) as bench:
+        port, work = bench.port, bench.work
         photo, size = make_photo(round(args.size_mb * 1_000_000))
         print(f"photo: JPEG {size[0]}x{size[1]}, {len(photo):,} bytes ({len(photo) / 1e6:.2f} MB)")
-        database_url = sl.setup_database(args)
-        provision(database_url)
-        redis.Redis.from_url(args.redis_url).flushdb()
-        env = (
-            process_env(
-                database_url,
-                args.redis_url,
-                SWITCHBOARD_SERVICE_TOKEN=SERVICE_TOKEN,
-                SWITCHBOARD_JWT_SECRET=JWT_SECRET,
-                SWITCHBOARD_POLICY="marketplace",
-                # The worker's "succeeded in" lines give its task time (TASK_LINE).
-                SWITCHBOARD_TASK_LOG_LINES="true",
-            )
-            | s3.start()
+        database_url, env = bench.environment(
+            SWITCHBOARD_SERVICE_TOKEN=SERVICE_TOKEN,
+            SWITCHBOARD_JWT_SECRET=JWT_SECRET,
+            SWITCHBOARD_POLICY="marketplace",
+            # The worker's "succeeded in" lines give its task time (TASK_LINE).
+            SWITCHBOARD_TASK_LOG_LINES="true",
         )
+        provision(database_url)
         customer, artist = (mint_token(load_settings(env), u, TENANT) for u in (CUSTOMER, ARTIST))
-        web_env = env | {"PORT": str(port), "WEB_CONCURRENCY": "1"}
-        procs.append(web := sl.Proc("web", web_env, work / "web.log").start())
-        procs.append(worker := sl.Proc("worker", env, work / "worker.log").start())
-        sl.wait_healthy(port, web)
+        # No Prometheus folder: the CPU per photo is of the web process as it was measured.
+        web = bench.start("web", env, PORT=str(port), WEB_CONCURRENCY="1")
+        worker = bench.start("worker", env)
+        wait_healthy(port, web)
         print(f"web on 127.0.0.1:{port} and worker started; logs in {work}")
         base, to_artist = f"http://127.0.0.1:{port}", {"participant_id": ARTIST}
         chat = ask("POST", base + "/v1/conversations", customer, to_artist, (200, 201))["id"]
         ws, frames = open_socket(f"ws://127.0.0.1:{port}/v1/stream?last_event_id=0", artist)
+        bench.defer(ws.abort)  # wakes the reading thread, which ends
         one_round(base, customer, chat, photo, frames)  # warm-up, not counted
-        sl.wait_quiet(args.wait_quiet)
+        wait_quiet(args.wait_quiet)
 
-        pids = {"worker": worker.process.pid, "web": sl.web_worker_pid(web.process.pid)}
-        if s3.server is not None and s3.server.process is not None:
-            pids["store"] = s3.server.process.pid
-        cpu = {name: -sl.proc_cpu_seconds(pid) for name, pid in pids.items()}
+        pids = {"worker": worker.pid, "web": web.workers()[0]}
+        if bench.s3.server is not None and bench.s3.server.process is not None:
+            pids["store"] = bench.s3.server.process.pid
+        cpu = {name: -proc_cpu_seconds(pid) for name, pid in pids.items()}
         log_offset = (work / "worker.log").stat().st_size
         rounds = []
         print(f"\n== {args.rounds} photos of {len(photo):,} bytes, customer -> artist")
@@ -206,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
                     raise RuntimeError(f"signed url {status}, {len(data)} bytes: {result['shown']}")
                 print(f"          signed url: 200 {kind}, the {len(data):,} bytes uploaded")
             time.sleep(args.pause)
-        cpu = {name: cpu[name] + sl.proc_cpu_seconds(pid) for name, pid in pids.items()}
+        cpu = {name: cpu[name] + proc_cpu_seconds(pid) for name, pid in pids.items()}
         log = (work / "worker.log").read_text(errors="replace")[log_offset:]
 
         rows = {label: [r[stage] * 1000 for r in rounds] for stage, label in STAGES.items()}
@@ -215,27 +205,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{'stage':36s} {'p50':>9s} {'max':>9s}")
         for label, values in rows.items():
             if values:
-                print(f"{label:36s} {sl.pct(values, 50):6.1f} ms {max(values):6.1f} ms")
+                print(f"{label:36s} {percentile(values, 50):6.1f} ms {max(values):6.1f} ms")
         per_photo = ", ".join(f"{k} {v / args.rounds * 1000:.0f} ms" for k, v in cpu.items())
         print(f"CPU per photo ({args.pause:g} s idle after each): {per_photo}")
-        dead = [proc for proc in procs if not proc.alive()]
-        for proc in dead:
-            print(f"!! {proc.name} exited early:\n{proc.tail()}")
-        return 1 if dead else 0
-    finally:
-        if ws is not None:
-            ws.abort()  # wakes the reading thread, which ends
-        for proc in reversed(procs):
-            proc.stop()
-        s3.stop()
-        with contextlib.suppress(Exception):  # IF EXISTS: fine if it never got that far
-            sl.drop_database(args)
+        return 1 if bench.report_dead() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     print("$ " + shlex.join([sys.executable, *sys.argv]), flush=True)
-    from common import run_cleanly
-
     return run_cleanly(run, parse_args(argv))
 
 

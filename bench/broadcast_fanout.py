@@ -7,7 +7,7 @@ the frame on the last socket; median and worst of several rounds.
 It creates a database of its own with one cardshow tenant (an organizer and N
 attendees), starts the Procfile's `web` (one gunicorn worker, gevent), `worker` and
 `broadcasts` lines, opens N sockets (one per attendee) from client processes (the raw
-epoll clients of bench/stream_load.py), and then, each round, POSTs one broadcast from
+epoll clients of bench/stream_clients.py), and then, each round, POSTs one broadcast from
 the organizer to "attendee" (a scope per round, so the 2-a-day quota never refuses) and
 times every socket's `broadcast.created` frame from just before the request was sent
 (same monotonic clock, same machine). The path measured is the whole product path: API
@@ -21,14 +21,10 @@ processes it started are stopped and its database dropped on exit.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.client
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -37,24 +33,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# The shared pieces of the stream benchmark (its clients, processes and figures).
-from stream_load import (
-    Clients,
-    CpuMeter,
-    HealthProbe,
-    Proc,
-    drop_database,
-    histogram_quantile,
-    pct,
-    raise_nofile,
-    scrape,
-    setup_database,
-    verdict,
-    wait_frames,
-    wait_healthy,
-    wait_quiet,
-    web_worker_pid,
-)
+from common import http_request, percentile, raise_nofile, run_cleanly, verdict
+from metrics import HealthProbe, histogram_quantile, scrape
+from proc_stats import CpuMeter, wait_quiet
+from procs import BenchRun, wait_healthy
+from stream_clients import Clients, wait_frames
 
 TENANT = "broadcast-bench"
 ORGANIZER = "bb-organizer"
@@ -123,20 +106,15 @@ def provision(url: str, count: int) -> None:
 
 
 def post_broadcast(port: int, token: str, body: str, scope: str) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request(
-            "POST",
-            "/v1/broadcasts",
-            body=json.dumps(
-                {"audience": "attendee", "scope": scope, "body": body, "client_id": scope}
-            ),
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        )
-        response = connection.getresponse()
-        return response.status, json.loads(response.read() or b"null")
-    finally:
-        connection.close()
+    status, answer = http_request(
+        port,
+        "POST",
+        "/v1/broadcasts",
+        {"audience": "attendee", "scope": scope, "body": body, "client_id": scope},
+        {"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    return status, json.loads(answer or b"null")
 
 
 def one_round(
@@ -170,49 +148,27 @@ def one_round(
         "duplicates": duplicates,
         "waited": waited,
         "first": min(times or [float("nan")]),
-        "p50": pct(times, 50),
-        "p99": pct(times, 99),
+        "p50": percentile(times, 50),
+        "p99": percentile(times, 99),
         "last": max(times) if len(arrival) == args.sockets else float("inf"),
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    import redis
-    from common import S3Store
-
     from app.auth import mint_token
     from app.embedded import free_port
     from app.settings import load_settings
 
     raise_nofile()
-    work = Path(tempfile.mkdtemp(prefix="broadcast_fanout-"))
-    metrics_dir = work / "metrics"
-    metrics_dir.mkdir()
-    port = free_port()
-    procs: list[Proc] = []
-    clients: Clients | None = None
-    probe: HealthProbe | None = None
-    s3 = S3Store()
-    database_ready = False
-    try:
-        database_url = setup_database(args)
-        database_ready = True
-        redis.Redis.from_url(args.redis_url).flushdb()
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-        env.update(
-            {
-                "DATABASE_URL": database_url,
-                "REDIS_URL": args.redis_url,
-                "SWITCHBOARD_SERVICE_TOKEN": SERVICE_TOKEN,
-                "SWITCHBOARD_JWT_SECRET": JWT_SECRET,
-                "SWITCHBOARD_POLICY": "cardshow",
-                "SWITCHBOARD_LOG_LEVEL": "WARNING",
-                "SWITCHBOARD_RATE_LIMITS_ENABLED": "false",
-            }
+    with BenchRun(
+        "broadcast_fanout-", args.pg_url, args.db_name, args.redis_url, args.keep_db
+    ) as bench:
+        port, work = bench.port, bench.work
+        database_url, env = bench.environment(
+            SWITCHBOARD_SERVICE_TOKEN=SERVICE_TOKEN,
+            SWITCHBOARD_JWT_SECRET=JWT_SECRET,
+            SWITCHBOARD_POLICY="cardshow",
         )
-        env.pop("SWITCHBOARD_BROKER_URL", None)
-        env.update(s3.start())
         settings = load_settings(env)
         started = time.monotonic()
         provision(database_url, args.sockets)
@@ -222,30 +178,17 @@ def run(args: argparse.Namespace) -> int:
             f"provisioned 1 organizer and {args.sockets} attendees in "
             f"{time.monotonic() - started:.1f}s; logs in {work}"
         )
-        web = Proc(
-            "web",
-            env
-            | {
-                "PORT": str(port),
-                "WEB_CONCURRENCY": "1",
-                "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-            },
-            work / "web.log",
-        ).start()
-        procs.append(web)
-        worker = Proc("worker", env, work / "worker.log").start()
-        procs.append(worker)
+        web = bench.start("web", bench.web_env(env, 1))
+        bench.start("worker", env)
         fanout_metrics_port = free_port()
-        fanout = Proc(
-            "broadcasts",
-            env | {"SWITCHBOARD_WORKER_METRICS_PORT": str(fanout_metrics_port)},
-            work / "broadcasts.log",
-        ).start()
-        procs.append(fanout)
+        fanout = bench.start(
+            "broadcasts", env, SWITCHBOARD_WORKER_METRICS_PORT=str(fanout_metrics_port)
+        )
         wait_healthy(port, web)
-        web_pid = web_worker_pid(web.process.pid)  # type: ignore[union-attr]
+        web_pid = web.workers()[0]
 
         clients = Clients(args.client_procs, port, False, max_seconds=3600.0)
+        bench.defer(clients.stop)
         results = clients.connect(
             [(i, tokens[i]) for i in range(args.sockets)],
             args.connect_concurrency,
@@ -257,12 +200,9 @@ def run(args: argparse.Namespace) -> int:
             print("not every socket opened; the figures below would be for fewer recipients")
             return 1
         probe = HealthProbe(port).start()
+        bench.defer(probe.stop)
         meter = CpuMeter(
-            {
-                "web worker": [web_pid],
-                "broadcast worker": [fanout.process.pid],  # type: ignore[union-attr]
-                "clients": [p.pid for p in clients.processes if p.pid],
-            },
+            {"web worker": [web_pid], "broadcast worker": [fanout.pid], "clients": clients.pids()},
             args.db_name,
             probe,
         )
@@ -314,27 +254,11 @@ def run(args: argparse.Namespace) -> int:
             f"{len(totals)} {worst:.0f} ms; bar median < {BAR_MEDIAN_MS:g} ms, worst < "
             f"{BAR_WORST_MS:g} ms: {verdict(ok)}"
         )
-        for proc in procs:
-            if not proc.alive():
-                print(f"!! {proc.name} exited early:\n{proc.tail()}")
+        bench.report_dead()
         return 0 if ok else 1
-    finally:
-        if probe is not None:
-            probe.stop()
-        if clients is not None:
-            clients.stop()
-        for proc in reversed(procs):
-            proc.stop()
-        s3.stop()
-        if database_ready and not args.keep_db:
-            with contextlib.suppress(Exception):
-                drop_database(args)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import run_cleanly
-
     return run_cleanly(run, parse_args(argv))
 
 

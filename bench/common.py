@@ -1,6 +1,7 @@
-"""What the benchmarks share: the S3 store for the web and worker processes they start, the
-environment of those processes, a clean exit on signals, and an open-loop HTTP driver with
-its latency table."""
+"""What every benchmark may use: the S3 store for the web and worker processes it starts,
+the environment of those processes, a clean exit on signals, the open file limit, one HTTP
+request, an open-loop HTTP driver with its latency table, and the figures' formats
+(nearest-rank percentile, milliseconds, PASS / FAIL)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import queue
+import resource
 import shutil
 import signal
 import sys
@@ -80,12 +82,21 @@ def run_cleanly(run: Callable[[Any], int], args: Any) -> int:
         return 130
 
 
-def process_env(database_url: str, redis_url: str, **settings: str) -> dict[str, str]:
+def process_env(
+    database_url: str, redis_url: str, *, inherit_settings: bool = True, **settings: str
+) -> dict[str, str]:
     """The environment of the Procfile's processes a benchmark starts: this one's, without
     a broker or metrics folder of its own (Celery runs on the benchmark's Redis database),
     this venv first on PATH, loopback only, quiet logs and no rate limits, plus
-    `settings` (SWITCHBOARD_POLICY, the tokens, ...)."""
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    `settings` (SWITCHBOARD_POLICY, the tokens, ...). With `inherit_settings` False, none
+    of this environment's SWITCHBOARD_* and PROMETHEUS_* variables pass either."""
+    # api_load.py's quoted figures are for the settings' defaults, whatever the shell says.
+    dropped = () if inherit_settings else ("SWITCHBOARD_", "PROMETHEUS_")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "PROMETHEUS_MULTIPROC_DIR" and not k.startswith(dropped)
+    }
     env.pop("SWITCHBOARD_BROKER_URL", None)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return (
@@ -101,7 +112,54 @@ def process_env(database_url: str, redis_url: str, **settings: str) -> dict[str,
     )
 
 
+def raise_nofile() -> None:
+    """The open file limit up to its hard limit (the processes started inherit it): a
+    socket per user needs a descriptor on both sides."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, bytes]:
+    """One request to 127.0.0.1:`port` on a connection of its own, `body` (when not None)
+    as JSON: the status and the body of the answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        sent = dict(headers or {})
+        data = None
+        if body is not None:
+            data = json.dumps(body)
+            sent["Content-Type"] = "application/json"
+        connection.request(method, path, body=data, headers=sent)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
 # ----------------------------------------------------------------------------- open loop
+
+
+def pace(count: int, rate: float, due: Callable[[int, float], None]) -> float:
+    """`due(index, when)` for each index below `count`, at `rate` a second from 0.1 s on
+    (open loop: on schedule, whatever became of the earlier ones); returns that start.
+    `when` is the monotonic time it was due, from which latencies count."""
+    start = time.monotonic() + 0.1
+    for index in range(count):
+        when = start + index / rate
+        delay = when - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        due(index, when)
+    return start
 
 
 @dataclass
@@ -139,13 +197,12 @@ def open_loop(port: int, calls: list[Call], rate: float, connections: int) -> fl
     threads = [threading.Thread(target=connection_thread, daemon=True) for _ in range(connections)]
     for thread in threads:
         thread.start()
-    start = time.monotonic() + 0.1
-    for index, call in enumerate(calls):
-        call.scheduled = start + index / rate
-        delay = call.scheduled - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        work.put(call)
+
+    def due(index: int, when: float) -> None:
+        calls[index].scheduled = when
+        work.put(calls[index])
+
+    start = pace(len(calls), rate, due)
     for _ in threads:
         work.put(None)
     for thread in threads:
@@ -172,12 +229,24 @@ def _issue(connection: http.client.HTTPConnection, call: Call) -> None:
     call.done = time.monotonic()
 
 
+# ----------------------------------------------------------------------------- figures
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile of unsorted values (nan when empty)."""
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))]
+
+
+def fmt_ms(seconds: float) -> str:
+    """Seconds as milliseconds in eight columns and the unit: `    12.3 ms`."""
+    return f"{seconds * 1000:8.1f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
 
 
 def latency_table(calls: list[Call], expected: int = 202) -> list[str]:

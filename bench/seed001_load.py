@@ -24,12 +24,9 @@ started and drops its database on exit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +34,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import stream_load as sl  # the shared pieces: processes, database, figures
-from common import Call, latency_table, open_loop, percentile
+from common import Call, latency_table, open_loop, percentile, raise_nofile, run_cleanly, verdict
+from database import psycopg_url
+from proc_stats import CpuMeter, wait_quiet
+from procs import BenchRun, wait_healthy
 
 TENANT = "seed001"
 SERVICE_TOKEN = "seed001-bench-service-token-0123456789"
@@ -244,16 +243,11 @@ WHERE b.tenant_id = %(t)s
 """
 
 
-def libpq(url: str) -> str:
-    """The SQLAlchemy URL setup_database returns, as psycopg takes it."""
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 def wait_drained(url: str, timeout: float) -> tuple[float, int, int]:
     import psycopg
 
     started = time.monotonic()
-    with psycopg.connect(libpq(url), autocommit=True) as connection:
+    with psycopg.connect(psycopg_url(url), autocommit=True) as connection:
         while True:
             sends, broadcasts = connection.execute(WAITING_SQL, {"t": TENANT}).fetchone()
             if (sends == 0 and broadcasts == 0) or time.monotonic() - started > timeout:
@@ -268,7 +262,7 @@ def count(url: str, calls: list[Call]) -> dict[str, Any]:
     import psycopg
 
     accepted = {c.body["client_id"]: c for c in calls if c.status == 202 and c.body}
-    with psycopg.connect(libpq(url), autocommit=True) as connection:
+    with psycopg.connect(psycopg_url(url), autocommit=True) as connection:
         sends = connection.execute(SENDS_SQL, {"t": TENANT}).fetchall()
         broadcasts = connection.execute(BROADCASTS_SQL, {"t": TENANT}).fetchall()
     figures: dict[str, Any] = {}
@@ -300,32 +294,24 @@ def count(url: str, calls: list[Call]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import redis
-    from common import S3Store, process_env
-
     from app.auth import mint_token
-    from app.embedded import free_port
     from app.settings import load_settings
 
     print("== Seed 001 load run: direct messages and broadcasts at a card show")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    sl.raise_nofile()
-    work = Path(tempfile.mkdtemp(prefix="seed001_load-"))
-    (work / "metrics").mkdir()
-    port, procs, s3, database_ready = free_port(), [], S3Store(), False
-    try:
-        database_url = sl.setup_database(args)
-        database_ready = True
-        redis.Redis.from_url(args.redis_url).flushdb()
-        env = (
-            process_env(
-                database_url,
-                args.redis_url,
-                SWITCHBOARD_SERVICE_TOKEN=SERVICE_TOKEN,
-                SWITCHBOARD_JWT_SECRET=JWT_SECRET,
-                SWITCHBOARD_POLICY="cardshow",
-            )
-            | s3.start()
+    raise_nofile()
+    with BenchRun(
+        "seed001_load-", args.pg_url, args.db_name, args.redis_url, args.keep_db
+    ) as bench:
+        port, work = bench.port, bench.work
+        # The first clean-up handed over, so the last done: after every other.
+        bench.defer(
+            lambda: print(f"(answered at {time.strftime('%Y-%m-%d %H:%M')}; logs kept in {work})")
+        )
+        database_url, env = bench.environment(
+            SWITCHBOARD_SERVICE_TOKEN=SERVICE_TOKEN,
+            SWITCHBOARD_JWT_SECRET=JWT_SECRET,
+            SWITCHBOARD_POLICY="cardshow",
         )
         settings = load_settings(env)
         started = time.monotonic()
@@ -343,26 +329,13 @@ def run(args: argparse.Namespace) -> int:
             f"{users} users and {len(conversations)} conversations in one cardshow tenant, "
             f"{len(calls)} calls planned, in {time.monotonic() - started:.1f}s; logs in {work}"
         )
-        web_env = env | {
-            "PORT": str(port),
-            "WEB_CONCURRENCY": str(args.web_concurrency),
-            "PROMETHEUS_MULTIPROC_DIR": str(work / "metrics"),
-        }
-        procs.append(web := sl.Proc("web", web_env, work / "web.log").start())
-        worker_env = env | {"WORKER_CONCURRENCY": str(args.worker_concurrency)}
-        procs.append(sl.Proc("worker", worker_env, work / "worker.log").start())
-        procs.append(sl.Proc("broadcasts", env, work / "broadcasts.log").start())
-        beat_env = env | {"CELERY_BEAT_SCHEDULE": str(work / "celerybeat-schedule")}
-        procs.append(sl.Proc("beat", beat_env, work / "beat.log").start())
-        sl.wait_healthy(port, web)
-        assert web.process is not None
-        pids = {proc.name: [proc.process.pid] for proc in procs if proc.process}
-        deadline = time.monotonic() + 30
-        while len(web_pids := sl.children_of(web.process.pid)) < args.web_concurrency:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn started {len(web_pids)} workers:\n{web.tail()}")
-            time.sleep(0.2)
-        pids["web"] = web_pids
+        web = bench.start("web", bench.web_env(env, args.web_concurrency))
+        bench.start("worker", env, WORKER_CONCURRENCY=str(args.worker_concurrency))
+        bench.start("broadcasts", env)
+        bench.start("beat", env, CELERY_BEAT_SCHEDULE=str(work / "celerybeat-schedule"))
+        wait_healthy(port, web)
+        pids = {proc.name: [proc.pid] for proc in bench.procs}
+        pids["web"] = web.workers(args.web_concurrency)
         # The first call of each process pays for imports and pools: one of each, unmeasured.
         warm = plan(
             argparse.Namespace(**{**vars(args), "sends": 20, "broadcasts": 0}), conversations, token
@@ -375,8 +348,8 @@ def run(args: argparse.Namespace) -> int:
             }
         open_loop(port, warm, 20.0, 4)
         wait_drained(database_url, 60)
-        sl.wait_quiet(args.wait_quiet)
-        meter = sl.CpuMeter(pids, args.db_name)
+        wait_quiet(args.wait_quiet)
+        meter = CpuMeter(pids, args.db_name)
         print(
             f"{os.cpu_count()} cores; web 127.0.0.1:{port} ({args.web_concurrency} gunicorn "
             f"workers), worker ({args.worker_concurrency} threads), broadcasts, beat; "
@@ -423,19 +396,8 @@ def run(args: argparse.Namespace) -> int:
             f"{percentile(to_stored, 99):.1f} s, max {max(to_stored or [0]):.1f} s"
         )
         print("\n" + meter.report(measured))
-        for proc in procs:
-            if not proc.alive():
-                print(f"!! {proc.name} exited early:\n{proc.tail()}")
+        bench.report_dead()
         return verdicts(calls, figures, drained_ok=not (left_sends or left_broadcasts))
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        s3.stop()
-        if database_ready and not args.keep_db:
-            with contextlib.suppress(Exception):
-                sl.drop_database(args)
-        shutil.rmtree(work / "metrics", ignore_errors=True)
-        print(f"(answered at {time.strftime('%Y-%m-%d %H:%M')}; logs kept in {work})")
 
 
 def verdicts(calls: list[Call], figures: dict[str, Any], drained_ok: bool) -> int:
@@ -463,15 +425,13 @@ def verdicts(calls: list[Call], figures: dict[str, Any], drained_ok: bool) -> in
         passed = p99 < bar["p99_ms"] and errors <= bar["error_share"] and intact
         ok = ok and passed
         print(
-            f"  {sl.verdict(passed)}  {name}: p99 < {bar['p99_ms']:g} ms, errors <= "
+            f"  {verdict(passed)}  {name}: p99 < {bar['p99_ms']:g} ms, errors <= "
             f"{bar['error_share']:.1%}, nothing lost or doubled"
         )
     return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import run_cleanly
-
     return run_cleanly(run, parse_args(argv))
 
 

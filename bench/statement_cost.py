@@ -15,10 +15,9 @@ import uuid
 from collections.abc import Callable
 
 import sqlalchemy
+from database import drop_database, setup_database
 
-from app.cli import upgrade_database
 from app.services.sends import _PRECHECK, _PRECHECK_ON_DRIVER
-from app.settings import normalise_database_url
 
 
 def cpu_ms_per_call(call: Callable[[], object], n: int) -> float:
@@ -35,14 +34,9 @@ def main() -> None:
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("-n", type=int, default=3000)
     args = parser.parse_args()
-    admin_url = sqlalchemy.make_url(normalise_database_url(args.pg_url))
     name = f"switchboard_bench_statements_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
     try:
-        url = admin_url.set(database=name)
-        upgrade_database(url.render_as_string(hide_password=False))
+        url = setup_database(args.pg_url, name)
         engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
         params = {
             "tenant_id": "t1",
@@ -59,9 +53,7 @@ def main() -> None:
             driver = cpu_ms_per_call(lambda: _PRECHECK_ON_DRIVER.one(connection, params), args.n)
         engine.dispose()
     finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+        drop_database(args.pg_url, name)
     print(f"CPU per execute of the send pre-check, {args.n} runs (this process):")
     print(f"  SQLAlchemy Connection.execute (Core, cached): {core:.3f} ms")
     print(f"  SQLAlchemy exec_driver_sql (compiled SQL):     {driver_sql:.3f} ms")

@@ -4,7 +4,8 @@
     .venv/bin/python bench/throughput.py --duration 3 --rates 50,100   # a smoke run
 
 Own database and Redis database, bookstore policy, the Procfile's `web` and `worker` lines,
-one socket per member (bench/stream_load.py's clients, sender and CPU meter). Steps of
+one socket per member (bench/stream_clients.py's clients, bench/message_sender.py's sender,
+bench/proc_stats.py's CPU meter). Steps of
 --duration s at --fixed-rates, then --rates up to the first that fails twice. A step passes
 with delivery p99 (send issued -> recipient's frame) < 100 ms, every 202 delivered exactly
 once, no failed send and the sender on schedule. Per step: delivery figures and CPU ms per
@@ -15,11 +16,8 @@ it started and drops its database on exit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import stream_load as sl  # the shared pieces: processes, database, clients, sender, CPU
+from common import percentile, raise_nofile, run_cleanly, verdict
+from database import PAIRS_TENANT, provision_pairs, user_id
+from message_sender import plan_sends, send_steady, tally_sends
+from metrics import scrape
+from proc_stats import CpuMeter, wait_quiet
+from procs import BenchRun, wait_healthy
+from stream_clients import Clients, parse_records
+
+SERVICE_TOKEN = "stream-bench-service-token-0123456789"
+JWT_SECRET = "stream-bench-jwt-secret-0123456789abcdefghijklmnop"
 
 # Issue 10's bars; a step passes with a delivery p99 under p99_200_ms.
 BARS = {"cpu_ms": 5.0, "sustained": 400.0, "p99_200_ms": 100.0, "p99_20_ms": 15.0}
@@ -73,10 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def queued(port: int) -> float:
     """Accepted sends not yet stored or rejected (the API's own gauge; nan if unreadable)."""
-    return sl.scrape(port).get("switchboard_sends_queued", float("nan"))
+    return scrape(port).get("switchboard_sends_queued", float("nan"))
 
 
-def drain(clients: sl.Clients, port: int, expected: int, timeout: float) -> float:
+def drain(clients: Clients, port: int, expected: int, timeout: float) -> float:
     """Wait until the step's `expected` frames arrived, or no send is queued and no frame
     came for 2 s (the rest are lost), or `timeout`. The seconds waited."""
     started = time.monotonic()
@@ -108,16 +115,16 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
     clients.collect()  # late frames of an earlier step are not this step's
     ctx["steps"] += 1
     prefix = f"{ctx['tag']}-{ctx['steps']}"  # client ids: letters, digits and dashes
-    plan = sl.plan_sends(ctx["pairs"], ctx["tokens"], ctx["conversations"], prefix, count)
+    plan = plan_sends(ctx["pairs"], ctx["tokens"], ctx["conversations"], prefix, count)
     clients.mark(f'"{prefix}-'.encode())
     meter.begin()
     sender_cpu, sending = time.process_time(), time.monotonic()
-    sends = sl.send_steady(port, [p[:3] for p in plan], rate, args.sender_threads, "hello")
+    sends = send_steady(port, [p[:3] for p in plan], rate, args.sender_threads, "hello")
     sender_share = (time.process_time() - sender_cpu) / (time.monotonic() - sending)
     expected = 2 * sends.status.count(202)  # the recipient's frame and the sender's echo
     drained = drain(clients, port, expected, args.drain_timeout)
     cpu = meter.measure()
-    tally = sl.tally_sends(plan, sends, sl.parse_records(clients.collect(), {}))
+    tally = tally_sends(plan, sends, parse_records(clients.collect(), {}))
     left = settle(port, args.settle_timeout)
     accepted = len(tally["accepted"])
     issued = sorted(sends.issued[i] for i in tally["issued"])
@@ -130,8 +137,8 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
         "rate": rate,
         "achieved": achieved,
         "accepted": accepted,
-        "p50": sl.pct(latency, 50),
-        "p99": sl.pct(latency, 99),
+        "p50": percentile(latency, 50),
+        "p99": percentile(latency, 99),
         "max": max(latency, default=float("nan")),
         "lost": tally["missing"],
         "duplicated": tally["duplicates"],
@@ -141,8 +148,9 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
         "busy": cpu["busy"] / cpu["wall"] / (os.cpu_count() or 1),
         "notes": [],
     }
-    behind = not achieved >= 0.95 * rate or sl.pct(tally["lag"], 99) > 0.05
-    http99 = sl.pct(tally["http_time"], 99)
+    lag99 = percentile(tally["lag"], 99)
+    behind = not achieved >= 0.95 * rate or lag99 > 0.05
+    http99 = percentile(tally["http_time"], 99)
     # Behind while the server answered quickly: the sender's CPU or threads, not the server.
     generator_bound = behind and (sender_share > 0.85 or http99 < 0.1)
     server_failed = not accepted or row["lost"] or row["duplicated"] or row["errors"]
@@ -153,7 +161,7 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
     row["verdict"] = "pass" if row["ok"] else "GENERATOR" if generator_only else "FAIL"
     if behind:
         row["notes"].append(
-            f"sender behind schedule (lag p99 {sl.pct(tally['lag'], 99) * 1000:.0f} ms, HTTP 202 "
+            f"sender behind schedule (lag p99 {lag99 * 1000:.0f} ms, HTTP 202 "
             f"p99 {http99 * 1000:.0f} ms, its process {sender_share:.0%} of a core): "
             + (
                 "the load generator could not keep up (more --sender-threads or spare cores)"
@@ -228,73 +236,45 @@ def summary(rows: list[dict[str, Any]], fixed: dict[float, dict], searched: list
     ]
     print("\n== Summary against issue 10's bars (2 cores)")
     for ok, text in checks:
-        print(f"  {sl.verdict(ok)}  {text}")
+        print(f"  {verdict(ok)}  {text}")
     return all(ok for ok, _ in checks)
 
 
 def run(args: argparse.Namespace) -> int:
-    import redis
-    from common import S3Store, process_env
-
     from app.auth import mint_token
-    from app.embedded import free_port
     from app.settings import load_settings
 
     print("== Switchboard throughput benchmark")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    sl.raise_nofile()
-    work = Path(tempfile.mkdtemp(prefix="throughput-"))
-    (work / "metrics").mkdir()
-    port, procs, clients, s3, database_ready = free_port(), [], None, S3Store(), False
-    try:
-        database_url = sl.setup_database(args)
-        database_ready = True
-        redis.Redis.from_url(args.redis_url).flushdb()
-        env = (
-            process_env(
-                database_url,
-                args.redis_url,
-                SWITCHBOARD_SERVICE_TOKEN=sl.SERVICE_TOKEN,
-                SWITCHBOARD_JWT_SECRET=sl.JWT_SECRET,
-                SWITCHBOARD_POLICY="bookstore",
-            )
-            | s3.start()
+    raise_nofile()
+    with BenchRun("throughput-", args.pg_url, args.db_name, args.redis_url, args.keep_db) as bench:
+        port, work = bench.port, bench.work
+        database_url, env = bench.environment(
+            SWITCHBOARD_SERVICE_TOKEN=SERVICE_TOKEN,
+            SWITCHBOARD_JWT_SECRET=JWT_SECRET,
+            SWITCHBOARD_POLICY="bookstore",
         )
         settings = load_settings(env)
-        conversations = sl.provision(database_url, args.users)
-        tokens = [mint_token(settings, sl.user_id(i), sl.TENANT) for i in range(args.users)]
-        web_env = env | {
-            "PORT": str(port),
-            "WEB_CONCURRENCY": str(args.web_concurrency),
-            "PROMETHEUS_MULTIPROC_DIR": str(work / "metrics"),
-        }
-        procs.append(web := sl.Proc("web", web_env, work / "web.log").start())
-        worker_env = env | {"WORKER_CONCURRENCY": str(args.worker_concurrency)}
-        procs.append(worker := sl.Proc("worker", worker_env, work / "worker.log").start())
-        sl.wait_healthy(port, web)
-        assert web.process is not None and worker.process is not None
-        deadline = time.monotonic() + 30
-        while len(web_pids := sl.children_of(web.process.pid)) < args.web_concurrency:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn started {len(web_pids)} workers:\n{web.tail()}")
-            time.sleep(0.2)
-        clients = sl.Clients(args.client_procs, port, False, max_seconds=24 * 3600.0)
+        conversations = provision_pairs(database_url, args.users)
+        tokens = [mint_token(settings, user_id(i), PAIRS_TENANT) for i in range(args.users)]
+        web = bench.start("web", bench.web_env(env, args.web_concurrency))
+        worker = bench.start("worker", env, WORKER_CONCURRENCY=str(args.worker_concurrency))
+        wait_healthy(port, web)
+        web_pids = web.workers(args.web_concurrency)
+        clients = Clients(args.client_procs, port, False, max_seconds=24 * 3600.0)
+        bench.defer(clients.stop)
         opened = [r[0] for r in clients.connect(list(enumerate(tokens)), 64, 60.0) if r[1]]
         if len(opened) < args.users:
             raise RuntimeError(f"only {len(opened)} of {args.users} sockets opened")
         print(
             f"{os.cpu_count()} cores; {args.users} users with a socket each, {len(conversations)}"
             f" conversations; web 127.0.0.1:{port} ({args.web_concurrency} gunicorn worker(s) "
-            f"{web_pids}), celery worker {worker.process.pid} (threads "
+            f"{web_pids}), celery worker {worker.pid} (threads "
             f"{args.worker_concurrency}); {args.sender_threads} sender threads, "
             f"{args.client_procs} client process(es); logs in {work}"
         )
-        meter = sl.CpuMeter(
-            {
-                "web worker": web_pids,
-                "celery worker": [worker.process.pid],
-                "clients": [p.pid for p in clients.processes if p.pid],
-            },
+        meter = CpuMeter(
+            {"web worker": web_pids, "celery worker": [worker.pid], "clients": clients.pids()},
             args.db_name,
         )
         ctx = {"args": args, "clients": clients, "port": port, "meter": meter, "tokens": tokens}
@@ -302,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
         ctx |= {"tag": f"t{int(time.time()) % 100000:05d}", "steps": 0}
         if args.warmup_sends:
             step(ctx, 20.0, args.warmup_sends, "warmup")
-        sl.wait_quiet(args.wait_quiet)
+        wait_quiet(args.wait_quiet)
         meter.begin()
         time.sleep(3.0)
         idle = meter.measure()
@@ -332,25 +312,11 @@ def run(args: argparse.Namespace) -> int:
             searched.append(row)
             if not row["ok"]:
                 break
-        for proc in procs:
-            if not proc.alive():
-                print(f"!! {proc.name} exited early:\n{proc.tail()}")
+        bench.report_dead()
         return 0 if summary(rows, fixed, searched) else 1
-    finally:
-        if clients is not None:
-            clients.stop()
-        for proc in reversed(procs):
-            proc.stop()
-        s3.stop()
-        if database_ready and not args.keep_db:
-            with contextlib.suppress(Exception):
-                sl.drop_database(args)
-        shutil.rmtree(work / "metrics", ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import run_cleanly
-
     return run_cleanly(run, parse_args(argv))
 
 
