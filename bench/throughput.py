@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import percentile, raise_nofile, run_cleanly, verdict
-from database import PAIRS_TENANT, provision_pairs, user_id
+from database import PAIRS_TENANT, provision_pairs, psycopg_url, user_id
 from message_sender import plan_sends, send_steady, tally_sends
 from metrics import scrape
 from proc_stats import CpuMeter, wait_quiet
@@ -109,6 +109,22 @@ def settle(port: int, timeout: float) -> float:
     return left
 
 
+def accepted_to_stored(database_url: str, prefix: str) -> tuple[float, float]:
+    """p50 and p99 seconds from a send's insert (its 202 follows) to the worker's decision,
+    for this step's stored sends: PostgreSQL's own clock at both ends."""
+    import psycopg
+
+    with psycopg.connect(psycopg_url(database_url)) as connection:
+        row = connection.execute(
+            "SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP"
+            " (ORDER BY extract(epoch FROM decided_at - created_at))"
+            " FROM messages WHERE client_id LIKE %s AND status = 'stored'",
+            (prefix + "-%",),
+        ).fetchone()
+    parts = row[0] if row and row[0] else [float("nan")] * 2
+    return float(parts[0]), float(parts[1])
+
+
 def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, Any]:
     """Send `count` messages at `rate`, wait for their frames, measure; a result row."""
     clients, port, meter, args = ctx["clients"], ctx["port"], ctx["meter"], ctx["args"]
@@ -151,6 +167,13 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
     lag99 = percentile(tally["lag"], 99)
     behind = not achieved >= 0.95 * rate or lag99 > 0.05
     http99 = percentile(tally["http_time"], 99)
+    stored50, stored99 = accepted_to_stored(ctx["database_url"], prefix)
+    http50 = percentile(tally["http_time"], 50)
+    row["parts"] = (
+        f"where it goes, p50 / p99: send issued -> 202 {http50 * 1000:.1f} / "
+        f"{http99 * 1000:.1f} ms; row inserted -> stored by the worker {stored50 * 1000:.1f} / "
+        f"{stored99 * 1000:.1f} ms; the rest is the event's way to the socket"
+    )
     # Behind while the server answered quickly: the sender's CPU or threads, not the server.
     generator_bound = behind and (sender_share > 0.85 or http99 < 0.1)
     server_failed = not accepted or row["lost"] or row["duplicated"] or row["errors"]
@@ -199,6 +222,7 @@ def print_row(row: dict[str, Any]) -> None:
         + "".join(f"{cpu.get(n, 0.0):7.2f}" for n in names)
         + f" | {row['busy']:4.0%}  {row['verdict']}"
     )
+    print(f"{'':8}{row['parts']}")
     for note in row["notes"]:
         print(f"{'':8}!! {note}")
 
@@ -278,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
             args.db_name,
         )
         ctx = {"args": args, "clients": clients, "port": port, "meter": meter, "tokens": tokens}
+        ctx["database_url"] = database_url
         ctx |= {"conversations": conversations, "pairs": list(range(len(conversations)))}
         ctx |= {"tag": f"t{int(time.time()) % 100000:05d}", "steps": 0}
         if args.warmup_sends:
