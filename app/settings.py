@@ -179,9 +179,10 @@ class Settings(BaseModel):
     # measurable share of its CPU); task failures and retries are logged either way.
     task_log_lines: bool = Field(default=False, validation_alias=_env("SWITCHBOARD_TASK_LOG_LINES"))
     # Sends committed within this many milliseconds of a process's last enqueue share the
-    # next task (a quiet system enqueues each send at once); see workers/send_batches.py.
+    # next task, while the process is busy (a quiet one enqueues each send at once); see
+    # workers/send_batches.py.
     send_batch_window_ms: float = Field(
-        default=5.0, ge=0, le=1000, validation_alias=_env("SWITCHBOARD_SEND_BATCH_WINDOW_MS")
+        default=30.0, ge=0, le=1000, validation_alias=_env("SWITCHBOARD_SEND_BATCH_WINDOW_MS")
     )
     send_batch_max: int = Field(
         default=100, ge=1, le=1000, validation_alias=_env("SWITCHBOARD_SEND_BATCH_MAX")

@@ -811,7 +811,7 @@ class Scenario:
         outage: float = 3.0,
         worker_restart_delay: float = 1.0,
         settle: float = 60.0,
-        batch_window_ms: float = 50.0,
+        batch_window_ms: float = 100.0,
         log: Log = print,
     ) -> None:
         self.directory = directory

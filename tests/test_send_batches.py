@@ -14,7 +14,7 @@ from app.models import Block, Conversation, Message, Participant
 from app.services.messages import store_messages
 from tests.helpers import events_of, queue_send, run_threads, wait_for
 from workers import tasks
-from workers.send_batches import SendBatcher
+from workers.send_batches import SendBatcher, holds_window
 
 
 class BrokerDown(Exception):
@@ -50,13 +50,34 @@ def test_a_quiet_batcher_publishes_each_send_at_once():
 
 
 def test_sends_within_the_window_share_one_task_up_to_the_maximum():
-    batcher, published, _ = make_batcher(window=0.3, max_batch=4)
+    # A 1 s window: two sends in the last second are already "busy" (holds_window).
+    batcher, published, _ = make_batcher(window=1.0, max_batch=4)
     batcher.add("first")
     wait_for(lambda: published == [["first"]])
     for n in range(6):
         batcher.add(f"s{n}")
     wait_for(lambda: sum(len(batch) for batch in published) == 7)
     assert published == [["first"], ["s0", "s1", "s2", "s3"], ["s4", "s5"]]
+
+
+def test_a_batcher_that_is_not_busy_does_not_hold_the_window():
+    """Two sends in the last second would not share a 0.5 s window: the second goes out
+    at once instead of waiting for the window after the first."""
+    batcher, published, _ = make_batcher(window=0.5)
+    batcher.add("a")
+    wait_for(lambda: published == [["a"]])
+    batcher.add("b")
+    wait_for(lambda: published == [["a"], ["b"]], timeout=0.3)
+
+
+@pytest.mark.parametrize(
+    ("sends_last_second", "window", "holds"),
+    [(20, 0.03, False), (66, 0.03, False), (67, 0.03, True), (200, 0.03, True), (1, 2.0, True)],
+)
+def test_the_window_is_held_when_two_sends_are_expected_in_it(
+    sends_last_second: int, window: float, holds: bool
+) -> None:
+    assert holds_window(sends_last_second, window) is holds
 
 
 def test_a_batch_the_broker_refuses_is_counted_and_the_batcher_goes_on():
@@ -232,7 +253,8 @@ def test_committed_sends_reach_the_workers_in_batches(app, client, auth, people,
         observed.append(len(ids))
         original(ids)
 
-    batcher = tasks.configure_send_batches(window_ms=200, max_batch=100)
+    # 1 s: busy from the second send on (holds_window), however the burst is spread.
+    batcher = tasks.configure_send_batches(window_ms=1000, max_batch=100)
     batcher._publish = recording  # the real publish, counted
     try:
 
