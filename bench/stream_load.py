@@ -425,10 +425,10 @@ def phase_steady(
             {"method": "POST", "route": "/v1/conversations/<conversation_id>/messages"},
         ),
         (
-            "Celery task run time of send_message",
+            "Celery task run time of store_sends (one batch of sends)",
             (task_before, task_after),
             "switchboard_task_duration_seconds",
-            {"task": "switchboard.direct.send_message"},
+            {"task": "switchboard.direct.store_sends"},
         ),
     )
     for label, (first, last), metric, labels in breakdown:
