@@ -241,12 +241,20 @@ def append_event_batch(
 # id order (the rule of _NEXT_SEQUENCES, so batches and single appends never wait on each
 # other in opposite orders), bump each one's sequence once by the number of events they
 # get, and insert the rows numbered in the order given.
+#
+# The groups come as one JSON document, `[{"type", "data", "users": [...]}, ...]`: psycopg
+# dumps a text[] of JSON payloads element by element in Python, escaping every quote
+# (about 23 us an event, measured: 274 us for a typical batch's twelve), where
+# `json.dumps` of the whole batch is one C call, and each group's data is written once
+# however many recipients share it.
 _APPEND_GROUPS = text(
     """
-    WITH e AS (
-        SELECT * FROM unnest(CAST(:user_ids AS text[]), CAST(:types AS text[]),
-                             CAST(:payloads AS text[]))
-               WITH ORDINALITY AS e(user_id, type, payload, ord)
+    WITH g AS (
+        SELECT g.grp, g.ord FROM json_array_elements(CAST(:groups AS json))
+               WITH ORDINALITY AS g(grp, ord)
+    ), e AS (
+        SELECT u.user_id, g.grp->>'type' AS type, g.grp->'data' AS payload, g.ord
+        FROM g CROSS JOIN LATERAL json_array_elements_text(g.grp->'users') AS u(user_id)
     ), wanted AS (
         SELECT user_id AS id, count(*) AS n FROM e GROUP BY user_id
     ), bumped AS (
@@ -287,17 +295,20 @@ def append_event_groups(session: Session, groups: Sequence[EventGroup]) -> list[
     if unknown:
         raise ValueError(f"unknown event types {sorted(unknown)!r}")
     recipients_of = [sorted(set(group.recipients)) for group in groups]
-    rows: dict[str, list[str]] = {"user_ids": [], "types": [], "payloads": []}
-    for group, user_ids in zip(groups, recipients_of, strict=True):
-        # Serialised once per group, however many recipients share it.
-        payload = json.dumps(group.data, separators=(",", ":"), default=str)
-        rows["user_ids"].extend(user_ids)
-        rows["types"].extend([group.type] * len(user_ids))
-        rows["payloads"].extend([payload] * len(user_ids))
-    if not rows["user_ids"]:
+    if not any(recipients_of):
         return []
+    # A user appears at most once in a group, so the group's position orders their events.
+    document = json.dumps(
+        [
+            {"type": group.type, "data": group.data, "users": user_ids}
+            for group, user_ids in zip(groups, recipients_of, strict=True)
+            if user_ids
+        ],
+        separators=(",", ":"),
+        default=str,
+    )
     seqs: dict[str, list[int]] = {}
-    for user_id, seq in _APPEND_GROUPS_ON_DRIVER.rows(session.connection(), rows):
+    for user_id, seq in _APPEND_GROUPS_ON_DRIVER.rows(session.connection(), {"groups": document}):
         seqs.setdefault(user_id, []).append(seq)
     for numbers in seqs.values():
         numbers.sort(reverse=True)  # popped lowest first, in the order of `groups`

@@ -484,3 +484,93 @@ def test_the_reader_waits_until_the_socket_is_readable_or_shut_down(gevent: bool
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[False, True, True]"
+
+
+FRESH_STACK_PROBE = """
+import contextvars
+import greenlet
+from app.api.stream import on_fresh_stack
+var = contextvars.ContextVar("var")
+var.set("the caller's")
+caller = greenlet.getcurrent()
+def probe(value):
+    return greenlet.getcurrent() is not caller, var.get(), value
+print(on_fresh_stack(probe, 7))
+def fails():
+    raise LookupError("named")
+try:
+    on_fresh_stack(fails)
+except LookupError as exc:
+    print("raised", exc)
+"""
+
+
+@pytest.mark.parametrize("gevent", [False, True], ids=["threads", "gevent"])
+def test_setup_work_runs_on_a_greenlet_of_its_own_and_gives_back_its_result(
+    gevent: bool,
+) -> None:
+    """Under gevent the stream's set-up (token, user, hub) runs on a short-lived greenlet,
+    so its deep frames do not stay with the socket's: it sees the caller's context (Flask's
+    request), returns its value, and its exception is raised in the caller, not printed
+    by gevent as a dead greenlet's. Without gevent it simply runs."""
+    patch = "from gevent import monkey; monkey.patch_all()\n" if gevent else ""
+    run = subprocess.run(
+        [sys.executable, "-c", patch + FRESH_STACK_PROBE],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [f'({gevent}, "the caller\'s", 7)', "raised named"]
+    assert "LookupError" not in run.stderr
+
+
+def _handshake_server() -> object:
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection
+
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(
+        b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    request = next(server.events())
+    assert request.__class__.__name__ == "Request"
+    server.send(AcceptConnection())
+    return server
+
+
+def test_an_open_socket_keeps_only_wsprotos_established_connection() -> None:
+    """The handshake's state (h11 and the upgrade request's headers) is let go; what stays
+    still frames, parses and closes."""
+    from types import SimpleNamespace
+
+    from wsproto.connection import Connection, ConnectionState
+    from wsproto.events import CloseConnection, TextMessage
+
+    from app.api.stream import drop_handshake_state
+
+    ws = SimpleNamespace(ws=_handshake_server())
+    drop_handshake_state(ws)
+
+    assert isinstance(ws.ws, Connection) and ws.ws.state is ConnectionState.OPEN
+    assert ws.ws.send(TextMessage(data="hi")) == b"\x81\x02hi"
+    # A masked client frame "ok", as a browser sends it.
+    mask = b"\x01\x02\x03\x04"
+    ws.ws.receive_data(b"\x81\x82" + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(b"ok")))
+    assert [event.data for event in ws.ws.events()] == ["ok"]
+    assert ws.ws.send(CloseConnection(code=1000)).startswith(b"\x88")
+
+
+def test_a_socket_whose_handshake_did_not_finish_is_left_as_it_is() -> None:
+    from types import SimpleNamespace
+
+    from wsproto import ConnectionType, WSConnection
+
+    from app.api.stream import drop_handshake_state
+
+    pending = WSConnection(ConnectionType.SERVER)
+    ws = SimpleNamespace(ws=pending)
+    drop_handshake_state(ws)
+    assert ws.ws is pending

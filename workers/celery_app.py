@@ -27,7 +27,11 @@ from app.db import after_commit
 from app.storage import StorageUnavailable
 from monitoring.logging import request_id_var
 from monitoring.metrics import TASK_LATENCY, TASKS
-from workers.broker import broker_options, patch_kombu_redis_restore
+from workers.broker import (
+    broker_options,
+    patch_kombu_redis_client_reuse,
+    patch_kombu_redis_restore,
+)
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -208,6 +212,7 @@ def init_celery(flask_app: Flask, settings: Settings) -> Celery:
     # Transport-specific: Redis's visibility timeout, RabbitMQ's confirms and heartbeats.
     celery.conf.update(**broker_options(settings))
     patch_kombu_redis_restore()
+    patch_kombu_redis_client_reuse()
     from schedules import beat_schedule
 
     celery.conf.beat_schedule = beat_schedule(flask_app.extensions["switchboard.policy"])

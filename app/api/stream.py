@@ -19,6 +19,7 @@ must fit in 30 KiB each. The socket's writer runs only while it has something to
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -28,8 +29,9 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import sqlalchemy.exc
 from flask import Blueprint, current_app, request
@@ -61,6 +63,7 @@ from app.stream.sockets import serialize_writes
 from monitoring.metrics import RATE_LIMITED
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 blueprint = Blueprint("stream", __name__, url_prefix="/v1")
 sock = Sock()
 
@@ -254,22 +257,75 @@ def _authenticate(app: Any, event_log: EventLog) -> tuple[str, str, int, float]:
         return user.id, user.tenant_id, user.last_event_seq, claims.expires_at.timestamp()
 
 
-def serve_stream(ws: Any) -> None:
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    settings = app.extensions["switchboard.settings"]
-    event_log = app.extensions["switchboard.event_log"]
+def drop_handshake_state(ws: Any) -> None:
+    """Keep only wsproto's established connection on the socket.
 
+    simple-websocket holds a `WSConnection`, which after the handshake only forwards to
+    its `connection` (wsproto's `Connection`, with the same `send`, `receive_data`,
+    `events` and `state`) but keeps the handshake alive beside it: the h11 connection and
+    the upgrade request with all its headers, about 2.5 KiB on every open socket."""
+    established = getattr(ws.ws, "connection", None)
+    if established is not None:
+        ws.ws = established
+
+
+def on_fresh_stack(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` on a greenlet of its own under gevent, waited for; else here.
+
+    Python keeps a greenlet's frames in a 16 KiB block of its own, and every page a call
+    once reaches stays in memory for as long as the greenlet lives, which for a socket's
+    greenlet is as long as the socket is open. The socket's greenlet idles a few frames
+    deep, but checking the token and loading the user through the ORM goes far deeper;
+    run on a short-lived greenlet, those frames are freed with it."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return function(*args)
+    import gevent
+
+    # Flask's request and app live in context variables, which a new greenlet does not
+    # inherit: it runs in a copy of this one's. Its exception is handed over rather than
+    # raised there, where gevent would print it as an unhandled greenlet error.
+    context = contextvars.copy_context()
+
+    def run() -> tuple[bool, Any]:
+        try:
+            return True, context.run(function, *args)
+        except BaseException as exc:  # re-raised below, in the caller's greenlet
+            return False, exc
+
+    succeeded, outcome = gevent.spawn(run).get()
+    if not succeeded:
+        raise outcome
+    return outcome
+
+
+@dataclass(slots=True)
+class _OpenStream:
+    """What the socket's reading loop needs once the stream is set up."""
+
+    connection: StreamConnection
+    hub: Any
+    frame_limit: FrameLimit
+    user_id: str
+    tenant_id: str
+    expires_at: float  # time.monotonic()
+
+
+def _open_stream(ws: Any, app: Any, event_log: EventLog) -> _OpenStream | None:
+    """Authenticate, check the limits and `last_event_id`, register the socket with the
+    hub and start its writer; None once the socket was closed with the reason."""
+    settings = app.extensions["switchboard.settings"]
     try:
         user_id, tenant_id, seq_at_connect, token_expires_at = _authenticate(app, event_log)
     except ApiError as exc:
         _close(ws, CLOSE_UNAUTHORIZED, f"{exc.code}: {exc.message}")
-        return
+        return None
     limiter = app.extensions["switchboard.ratelimiter"]
     verdict = limiter.hit(tenant_id, user_id, "stream") if limiter else None
     if verdict is not None and not verdict.allowed:
         # After the handshake there is no 429: "try again later" with the wait in the reason.
         _close(ws, CLOSE_TRY_AGAIN_LATER, f"rate_limited: retry in {verdict.retry_after} s")
-        return
+        return None
 
     last_event_id: int | None = None
     raw_last = request.args.get("last_event_id")
@@ -277,7 +333,7 @@ def serve_stream(ws: Any) -> None:
         # ASCII digits only: str.isdigit() also passes '²', which int() then refuses.
         if not _EVENT_ID.fullmatch(raw_last):
             _close(ws, CLOSE_BAD_REQUEST, "invalid_last_event_id: must be a non-negative integer")
-            return
+            return None
         last_event_id = int(raw_last)
 
     serialize_writes(ws, settings.stream_slow_consumer_grace)
@@ -301,11 +357,25 @@ def serve_stream(ws: Any) -> None:
     # CATCH_UP does the reading: see app/stream/hub.py.)
     connection.replay_at_start = hub.register(connection)
     connection.start()
-    typing: TypingRelay | None = None  # made on the first client frame: most send none
     frame_limit = FrameLimit(
         limiter, tenant_id, user_id, app.extensions["switchboard.policy"].rate_limit_frames
     )
     expires_at = time.monotonic() + max(0.0, token_expires_at - time.time())
+    return _OpenStream(connection, hub, frame_limit, user_id, tenant_id, expires_at)
+
+
+def serve_stream(ws: Any) -> None:
+    drop_handshake_state(ws)
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    settings = app.extensions["switchboard.settings"]
+    event_log = app.extensions["switchboard.event_log"]
+    opened = on_fresh_stack(_open_stream, ws, app, event_log)
+    if opened is None:
+        return
+    connection, hub, frame_limit = opened.connection, opened.hub, opened.frame_limit
+    user_id, tenant_id, expires_at = opened.user_id, opened.tenant_id, opened.expires_at
+    del opened
+    typing: TypingRelay | None = None  # made on the first client frame: most send none
     try:
         for data in read_frames(
             ws,
