@@ -139,6 +139,7 @@ def test_a_stream_connect_past_the_limit_is_closed_try_again_later(app, make_use
 
     class Socket:
         closed: tuple[int, str] | None = None
+        ws = None  # simple-websocket's wsproto state: none, the handshake is not tested here
 
         def close(self, reason: int, message: str) -> None:
             self.closed = (reason, message)

@@ -299,15 +299,35 @@ def on_fresh_stack(function: Callable[..., T], *args: Any) -> T:
     return outcome
 
 
+class ClientFrames:
+    """Answers a socket's client frames: the frame limit first, then the frame itself."""
+
+    __slots__ = ("_event_log", "_limit", "_tenant_id", "_typing", "_user_id")
+
+    def __init__(
+        self, frame_limit: FrameLimit, user_id: str, tenant_id: str, event_log: EventLog
+    ) -> None:
+        self._limit = frame_limit
+        self._user_id, self._tenant_id, self._event_log = user_id, tenant_id, event_log
+        self._typing: TypingRelay | None = None  # made on the first frame: most send none
+
+    def answer(self, data: str | bytes) -> dict[str, Any] | None:
+        """None, or the frame to send back (an error, or the limit's refusal)."""
+        refusal = self._limit.refusal()
+        if refusal is not None:
+            return refusal
+        if self._typing is None:
+            self._typing = TypingRelay(self._user_id, self._tenant_id, self._event_log)
+        return handle_client_frame(self._typing, data)
+
+
 @dataclass(slots=True)
 class _OpenStream:
     """What the socket's reading loop needs once the stream is set up."""
 
     connection: StreamConnection
     hub: Any
-    frame_limit: FrameLimit
-    user_id: str
-    tenant_id: str
+    frames: ClientFrames
     expires_at: float  # time.monotonic()
 
 
@@ -361,7 +381,8 @@ def _open_stream(ws: Any, app: Any, event_log: EventLog) -> _OpenStream | None:
         limiter, tenant_id, user_id, app.extensions["switchboard.policy"].rate_limit_frames
     )
     expires_at = time.monotonic() + max(0.0, token_expires_at - time.time())
-    return _OpenStream(connection, hub, frame_limit, user_id, tenant_id, expires_at)
+    frames = ClientFrames(frame_limit, user_id, tenant_id, event_log)
+    return _OpenStream(connection, hub, frames, expires_at)
 
 
 def serve_stream(ws: Any) -> None:
@@ -372,23 +393,18 @@ def serve_stream(ws: Any) -> None:
     opened = on_fresh_stack(_open_stream, ws, app, event_log)
     if opened is None:
         return
-    connection, hub, frame_limit = opened.connection, opened.hub, opened.frame_limit
-    user_id, tenant_id, expires_at = opened.user_id, opened.tenant_id, opened.expires_at
-    del opened
-    typing: TypingRelay | None = None  # made on the first client frame: most send none
+    connection = opened.connection
     try:
         for data in read_frames(
             ws,
             connection,
             ping_interval=settings.stream_ping_interval,
             max_bytes=settings.stream_max_frame_bytes,
-            expires_at=expires_at,
+            expires_at=opened.expires_at,
         ):
-            reply = frame_limit.refusal()
-            if reply is None:
-                if typing is None:
-                    typing = TypingRelay(user_id, tenant_id, event_log)
-                reply = handle_client_frame(typing, data)
+            # Off the socket's greenlet for the reason set-up is: the limiter's Redis call
+            # and typing's membership query go deep.
+            reply = on_fresh_stack(opened.frames.answer, data)
             if reply is not None:
                 connection.send_frame(reply)
     except (ConnectionClosed, OSError):
@@ -399,7 +415,7 @@ def serve_stream(ws: Any) -> None:
         log.exception("stream reader failed")
         connection.request_close(CLOSE_INTERNAL_ERROR, "internal_error: reconnect")
     finally:
-        hub.unregister(connection)
+        opened.hub.unregister(connection)
         connection.request_close(CLOSE_NORMAL, "")
         connection.join(timeout=settings.stream_slow_consumer_grace + 1)
 
