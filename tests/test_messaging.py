@@ -301,8 +301,14 @@ def test_worker_rejects_a_send_the_precheck_allowed(app, client, auth, pair, red
 
     from celery.contrib.testing.worker import start_worker
 
+    # The same shutdown allowance as the celery_worker fixture's: on a loaded CI machine
+    # the worker thread once took longer than Celery's default 10 s to stop.
     with start_worker(
-        app.extensions["celery"], pool="threads", perform_ping_check=False, queues=["direct"]
+        app.extensions["celery"],
+        pool="threads",
+        perform_ping_check=False,
+        queues=["direct"],
+        shutdown_timeout=30,
     ):
         message = stored(client, auth, alice, message_id)
     assert (message["status"], message["reason"], message["body"]) == ("rejected", "blocked", None)
