@@ -372,18 +372,41 @@ class SeaweedServer:
             except (urllib.error.URLError, OSError):
                 check_alive("answer on its S3 port")
                 time.sleep(0.05)
-        # ... then the bucket, which -bucket creates a moment after the gateway is up.
+        # ... then the bucket, which -bucket creates a moment after the gateway is up ...
         client = self.client()
         try:
             while True:
                 try:
                     client.head_bucket(Bucket=self.bucket)
-                    return
+                    break
                 except (BotoCoreError, ClientError):
                     check_alive(f"serve bucket {self.bucket}")
                     time.sleep(0.1)
         finally:
             client.close()
+        # ... then the volume server registered with the master. The gateway and the
+        # bucket answer before that: on a busy machine the volume server's first heartbeat
+        # can reach the master before its raft leader is elected and be refused, and until
+        # the next one every read of an object stored before a restart fails with
+        # InternalError ("volume 1 not found"). Its first accepted heartbeat lists every
+        # volume it holds, so one registered data node means the old objects are readable.
+        while not self._volume_server_registered():
+            check_alive("register its volume server with its master")
+            time.sleep(0.1)
+
+    def _volume_server_registered(self) -> bool:
+        status_url = f"http://127.0.0.1:{self.ports['master.port']}/dir/status"
+        try:
+            with urllib.request.urlopen(status_url, timeout=1) as response:
+                status = json.load(response)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        topology = status.get("Topology") or {}
+        return any(
+            rack.get("DataNodes")
+            for center in topology.get("DataCenters") or ()
+            for rack in center.get("Racks") or ()
+        )
 
     def stop(self) -> None:
         """Stop this server's own process (SIGTERM, then SIGKILL after 15 s)."""

@@ -182,6 +182,8 @@ def test_an_embedded_server_keeps_its_data_keys_and_ports_across_a_restart(tmp_p
     assert again.ports == server.ports
     try:
         again.start()
+        # start() waits for this: before it, old objects read as InternalError.
+        assert again._volume_server_registered()
         client = again.client()
         kept = client.get_object(Bucket="restart-check", Key="kept")["Body"].read()
         client.close()
