@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.storage import ObjectStore
     from app.stream.hub import Hub
     from app.stream.log import EventLog
+    from app.stream.reader import EventLoopReaders
     from app.web import install_request_hooks
     from monitoring.logging import configure_logging
     from monitoring.metrics import (
@@ -94,6 +95,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             else None,
             "switchboard.tokens": TokenVerifier(settings),
             "switchboard.hub": Hub(settings.redis_url),
+            # Sockets handed over by their requests, read by gevent's event loop.
+            "switchboard.stream_readers": EventLoopReaders(),
             # Half the pool at most for the stream's reads; the API keeps the rest.
             "switchboard.event_log": EventLog(
                 database.read_sessions, max_concurrent=max(1, settings.db_pool_size // 2)

@@ -119,12 +119,21 @@ def post_worker_init(worker: Worker) -> None:
 
 
 def worker_exit(server: Arbiter, worker: Worker) -> None:
-    """Give the frozen start-up objects back to the collector before the worker exits.
+    """Close the open streams with 1001, then give the frozen start-up objects back to
+    the collector before the worker exits.
+
+    An open stream is no longer one of gunicorn's connections once set up (its request
+    has ended: app/stream/reader.py), so gunicorn neither waits for it nor closes it; its
+    client is told to reconnect, and resumes from its last event id elsewhere.
 
     Frozen objects are only freed during the interpreter's final teardown, after gevent's
     modules are gone: logging's handler clean-up then fails in gevent's lock and prints
     a traceback on every shutdown. Collected here, they go while everything still works."""
     import gc
 
+    extensions = getattr(getattr(worker, "wsgi", None), "extensions", None) or {}
+    readers = extensions.get("switchboard.stream_readers")
+    if readers is not None:
+        readers.close_all(timeout=2.0)
     gc.unfreeze()
     gc.collect()

@@ -4,8 +4,7 @@ processes) and its Celery worker line, real sockets, real PostgreSQL and Redis."
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import signal
 import threading
 import time
 import uuid
@@ -245,11 +244,26 @@ def test_a_slow_reader_is_disconnected_while_a_fast_one_keeps_receiving(live, ch
     slow = RawStream(live.webs[0][0], tokens["bob"])
     fast = Stream(live.ws_url(), tokens["bob"], last_event_id=0)
     body = "x" * 900
+    # The fast client reads while the sends go out, as a live client does: a client that
+    # reads nothing until the end is a slow one too, once its 120 frames outgrow the
+    # kernel's buffers and the queue of 48 (how far they grow depends on the machine).
+    received: list[list[dict]] = []
+    failures: list[BaseException] = []
+
+    def read_fast() -> None:
+        try:
+            received.append(fast.events(120, timeout=30))
+        except BaseException as exc:  # handed to the test's thread below
+            failures.append(exc)
+
+    reader = threading.Thread(target=read_fast, name="fast-reader")
+    reader.start()
     try:
         for _ in range(120):
             send(live, tokens["alice"], conversation_id, body)
-        frames = fast.events(120)
-        assert [f["id"] for f in frames] == list(range(1, 121))
+        reader.join(60)
+        assert not reader.is_alive() and not failures, failures
+        assert [f["id"] for f in received[0]] == list(range(1, 121))
         closed, code, delivered = slow.drain(timeout=20)
         # The server gave up on it: with a close frame (4008) if the client's buffer had
         # room for one, else by cutting the connection.
@@ -439,6 +453,28 @@ def test_a_peer_that_stops_answering_pings_is_dropped(
         system.stop()
 
 
+def test_a_stopping_web_process_closes_its_streams_with_1001(
+    database_url, redis_url, make_user, token_for, tmp_path: Path
+):
+    """Open streams are not gunicorn's connections once set up, so the web process closes
+    them itself when it stops: the client hears 1001 and reconnects elsewhere."""
+    env = live_env(database_url, separate_redis_db(redis_url, 4))
+    system = LiveSystem(env, tmp_path / "logs").start()
+    try:
+        alice = make_user("alice", role="manager")
+        streams = [Stream(system.ws_url(), token_for(alice), last_event_id=0) for _ in range(3)]
+        web = system.webs[0][1]
+        assert web.process is not None
+        os.killpg(web.process.pid, signal.SIGTERM)
+        for stream in streams:
+            assert stream.next(timeout=15) is None
+            assert stream.close_code == 1001, (stream.close_code, stream.close_reason)
+            assert stream.close_reason.startswith("going_away")
+        assert web.process.wait(timeout=20) == 0
+    finally:
+        system.stop()
+
+
 def test_per_message_compression_is_not_negotiated(live, make_user, token_for):
     alice = make_user("alice", role="manager")
     stream = websocket.create_connection(
@@ -454,76 +490,6 @@ def test_per_message_compression_is_not_negotiated(live, make_user, token_for):
         assert "sec-websocket-extensions" not in headers
     finally:
         stream.close()
-
-
-WAIT_READABLE_PROBE = """
-import socket
-from app.api.stream import wait_readable
-ours, peer = socket.socketpair()
-results = [wait_readable(ours, 0.05)]
-peer.send(b"x")
-results.append(wait_readable(ours, 5))
-ours.recv(1)
-ours.shutdown(socket.SHUT_RDWR)  # what the writer does to end the reader
-results.append(wait_readable(ours, 5))
-print(results)
-"""
-
-
-@pytest.mark.parametrize("gevent", [False, True], ids=["threads", "gevent"])
-def test_the_reader_waits_until_the_socket_is_readable_or_shut_down(gevent: bool) -> None:
-    """The stream's reader waits on its socket without the socket's timeout (the writer's):
-    False when the wait ends unread, True on data and on a shutdown."""
-    patch = "from gevent import monkey; monkey.patch_all()\n" if gevent else ""
-    run = subprocess.run(
-        [sys.executable, "-c", patch + WAIT_READABLE_PROBE],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[False, True, True]"
-
-
-FRESH_STACK_PROBE = """
-import contextvars
-import greenlet
-from app.api.stream import on_fresh_stack
-var = contextvars.ContextVar("var")
-var.set("the caller's")
-caller = greenlet.getcurrent()
-def probe(value):
-    return greenlet.getcurrent() is not caller, var.get(), value
-print(on_fresh_stack(probe, 7))
-def fails():
-    raise LookupError("named")
-try:
-    on_fresh_stack(fails)
-except LookupError as exc:
-    print("raised", exc)
-"""
-
-
-@pytest.mark.parametrize("gevent", [False, True], ids=["threads", "gevent"])
-def test_setup_work_runs_on_a_greenlet_of_its_own_and_gives_back_its_result(
-    gevent: bool,
-) -> None:
-    """Under gevent the stream's set-up (token, user, hub) runs on a short-lived greenlet,
-    so its deep frames do not stay with the socket's: it sees the caller's context (Flask's
-    request), returns its value, and its exception is raised in the caller, not printed
-    by gevent as a dead greenlet's. Without gevent it simply runs."""
-    patch = "from gevent import monkey; monkey.patch_all()\n" if gevent else ""
-    run = subprocess.run(
-        [sys.executable, "-c", patch + FRESH_STACK_PROBE],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == [f'({gevent}, "the caller\'s", 7)', "raised named"]
-    assert "LookupError" not in run.stderr
 
 
 def _handshake_server() -> object:

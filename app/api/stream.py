@@ -9,38 +9,34 @@ So is a frame past the user's frame limit (`[rate_limit.frames]`): `code: rate_l
 with `retry_after` (whole seconds) in `data`; the frame is dropped.
 Frames outside the user's event log (typing, error) carry no `id`.
 
-One greenlet per socket: the route's own, which reads the socket (`read_frames`: wsproto
-events, pings, the frame limit, the token's expiry). simple-websocket's reader thread is
-not started (`_NoThread`): a greenlet costs about 8 KiB however idle, and 5,000 sockets
-must fit in 30 KiB each. The socket's writer runs only while it has something to write
-(app/stream/connection.py). Work that goes deep (the set-up's token and user, a client
-frame's answer) runs on short-lived greenlets (`on_fresh_stack`), and the socket keeps
-only wsproto's established connection (`drop_handshake_state`).
+Under gevent (the Procfile's web) an open socket has no greenlet of its own: once the
+stream is set up the route hands the socket to the event loop's readers and returns
+(app/stream/reader.py), so neither the route's greenlet nor the request that opened the
+socket stays alive with it. simple-websocket's reader thread is never started
+(`_NoThread`). The socket's writer runs only while it has something to write
+(app/stream/connection.py), and the socket keeps only wsproto's established connection
+(`drop_handshake_state`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import logging
 import math
 import re
-import select
 import socket
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any
 
 import sqlalchemy.exc
 from flask import Blueprint, current_app, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from sqlalchemy import select as sql_select
-from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from app.auth import load_user, parse_bearer
 from app.input_checks import parse_untrusted_json
@@ -52,25 +48,27 @@ from app.services.access import parse_uuid
 from app.stream.connection import (
     CLOSE_BAD_REQUEST,
     CLOSE_INTERNAL_ERROR,
-    CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NORMAL,
-    CLOSE_POLICY_VIOLATION,
-    CLOSE_TOKEN_EXPIRED,
     CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
     StreamConnection,
 )
 from app.stream.log import EventLog
+from app.stream.reader import (
+    DetachedSocket,
+    SocketReader,
+    detach,
+    gevent_is_active,
+    read_until_finished,
+)
 from app.stream.sockets import serialize_writes
 from monitoring.metrics import RATE_LIMITED
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 blueprint = Blueprint("stream", __name__, url_prefix="/v1")
 sock = Sock()
 
 TYPING_INTERVAL_SECONDS = 2.0
-RECEIVE_BYTES = 4096  # per read of a client's socket (what simple-websocket reads)
 _EVENT_ID = re.compile(r"[0-9]{1,18}", re.ASCII)
 MEMBERSHIP_CACHE_SECONDS = 30.0
 
@@ -227,9 +225,15 @@ def _no_compression() -> None:
 
 @sock.route("/stream", bp=blueprint)
 def stream(ws: Any) -> None:
-    """After the handshake nothing may answer in HTTP: every failure is a close code."""
+    """After the handshake nothing may answer in HTTP: every failure is a close code.
+
+    Under gevent the socket is detached from the request (`detach`) and, once set up,
+    read by the event loop: the route returns and its greenlet ends."""
+    if gevent_is_active():
+        ws = detach(ws)
+    handed_over = False
     try:
-        serve_stream(ws)
+        handed_over = serve_stream(ws)
     except ConnectionClosed:
         pass
     except sqlalchemy.exc.TimeoutError:
@@ -243,6 +247,10 @@ def stream(ws: Any) -> None:
     except Exception:
         log.exception("stream failed")
         _close(ws, CLOSE_INTERNAL_ERROR, "internal_error: reconnect")
+    finally:
+        if isinstance(ws, DetachedSocket) and not handed_over:
+            with contextlib.suppress(OSError):
+                ws.sock.close()
 
 
 def _authenticate(app: Any, event_log: EventLog) -> tuple[str, str, int, float]:
@@ -272,37 +280,6 @@ def drop_handshake_state(ws: Any) -> None:
         ws.ws = established
 
 
-def on_fresh_stack(function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)` on a greenlet of its own under gevent, waited for; else here.
-
-    Python keeps a greenlet's frames in a 16 KiB block of its own, and every page a call
-    once reaches stays in memory for as long as the greenlet lives, which for a socket's
-    greenlet is as long as the socket is open. The socket's greenlet idles a few frames
-    deep, but checking the token and loading the user through the ORM goes far deeper;
-    run on a short-lived greenlet, those frames are freed with it (36.3 -> 34.9 KiB a
-    socket in `bench/stream_load.py`)."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is None or not monkey.is_module_patched("threading"):
-        return function(*args)
-    import gevent
-
-    # Flask's request and app live in context variables, which a new greenlet does not
-    # inherit: it runs in a copy of this one's. Its exception is handed over rather than
-    # raised there, where gevent would print it as an unhandled greenlet error.
-    context = contextvars.copy_context()
-
-    def run() -> tuple[bool, Any]:
-        try:
-            return True, context.run(function, *args)
-        except BaseException as exc:  # re-raised below, in the caller's greenlet
-            return False, exc
-
-    succeeded, outcome = gevent.spawn(run).get()
-    if not succeeded:
-        raise outcome
-    return outcome
-
-
 class ClientFrames:
     """Answers a socket's client frames: the frame limit first, then the frame itself."""
 
@@ -327,12 +304,31 @@ class ClientFrames:
 
 @dataclass(slots=True)
 class _OpenStream:
-    """What the socket's reading loop needs once the stream is set up."""
+    """What the socket's reading needs once the stream is set up."""
 
     connection: StreamConnection
     hub: Any
     frames: ClientFrames
     expires_at: float  # time.monotonic()
+
+    def answer(self, app: Any, data: str | bytes) -> None:
+        """Answer one client frame. Under gevent this runs on a greenlet of its own, after
+        the request is gone: the app's context is pushed for it."""
+        with app.app_context():
+            reply = self.frames.answer(data)
+        if reply is not None:
+            self.connection.send_frame(reply)
+
+    def finish(self, wait_seconds: float, detached: DetachedSocket | None) -> None:
+        """The socket is done: leave the hub, close it once its writer is through, and
+        give back the descriptor of a socket that outlived its request."""
+        self.hub.unregister(self.connection)
+        # The first close requested wins: this 1000 replaces no earlier reason.
+        self.connection.request_close(CLOSE_NORMAL, "")
+        self.connection.join(timeout=wait_seconds)
+        if detached is not None:
+            with contextlib.suppress(OSError):
+                detached.sock.close()
 
 
 def _open_stream(ws: Any, app: Any, event_log: EventLog) -> _OpenStream | None:
@@ -389,124 +385,45 @@ def _open_stream(ws: Any, app: Any, event_log: EventLog) -> _OpenStream | None:
     return _OpenStream(connection, hub, frames, expires_at)
 
 
-def serve_stream(ws: Any) -> None:
+def serve_stream(ws: Any) -> bool:
+    """Set the stream up and read the socket. Returns True when the socket was handed to
+    the event loop's readers (a `DetachedSocket`, under gevent: the request may end, the
+    socket stays open); False when it is done (closed, or never opened)."""
     drop_handshake_state(ws)
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     settings = app.extensions["switchboard.settings"]
     event_log = app.extensions["switchboard.event_log"]
-    opened = on_fresh_stack(_open_stream, ws, app, event_log)
+    opened = _open_stream(ws, app, event_log)
     if opened is None:
-        return
+        return False
     connection = opened.connection
+    reader = SocketReader(
+        ws,
+        connection,
+        ping_interval=settings.stream_ping_interval,
+        max_bytes=settings.stream_max_frame_bytes,
+        expires_at=opened.expires_at,
+    )
+    wait_seconds = settings.stream_slow_consumer_grace + 1
+    if isinstance(ws, DetachedSocket):
+        app.extensions["switchboard.stream_readers"].add(
+            reader,
+            ws.sock.fileno(),
+            partial(opened.answer, app),
+            partial(opened.finish, wait_seconds, ws),
+        )
+        return True
     try:
-        for data in read_frames(
-            ws,
-            connection,
-            ping_interval=settings.stream_ping_interval,
-            max_bytes=settings.stream_max_frame_bytes,
-            expires_at=opened.expires_at,
-        ):
-            # Off the socket's greenlet for the reason set-up is: the limiter's Redis call
-            # and typing's membership query go deep.
-            reply = on_fresh_stack(opened.frames.answer, data)
-            if reply is not None:
-                connection.send_frame(reply)
+        read_until_finished(reader, partial(opened.answer, app), ws.sock)
     except (ConnectionClosed, OSError):
         pass
     except Exception:
         # Never a silent 1000 that tells the client all is well: say something broke.
-        # (The first close requested wins, so the 1000 below does not replace this.)
         log.exception("stream reader failed")
         connection.request_close(CLOSE_INTERNAL_ERROR, "internal_error: reconnect")
     finally:
-        opened.hub.unregister(connection)
-        connection.request_close(CLOSE_NORMAL, "")
-        connection.join(timeout=settings.stream_slow_consumer_grace + 1)
-
-
-def read_frames(
-    ws: Any,
-    connection: StreamConnection,
-    *,
-    ping_interval: float,
-    max_bytes: int,
-    expires_at: float,
-) -> Iterator[str | bytes]:
-    """The client's messages, read on the route's greenlet until the socket closes.
-
-    Does what simple-websocket's reader thread would: answers pings, pings the client
-    every `ping_interval` seconds and closes with 1008 when the previous ping went
-    unanswered, closes with 1009 a message larger than `max_bytes`, answers a close.
-    Also closes with 4002 when the token expires. Closes go through the connection's
-    writer, so they never cut a frame in two."""
-    sock, protocol = ws.sock, ws.ws
-    next_ping = time.monotonic() + ping_interval
-    pong_received = True
-    parts: list[Any] = []
-    size = 0
-    while ws.connected and not connection.closed:
-        now = time.monotonic()
-        if now >= expires_at:
-            connection.request_close(
-                CLOSE_TOKEN_EXPIRED, "token_expired: reconnect with a fresh token"
-            )
-            return
-        if now >= next_ping:
-            if not pong_received:
-                connection.request_close(CLOSE_POLICY_VIOLATION, "Ping/Pong timeout")
-                return
-            pong_received = False
-            sock.send(protocol.send(Ping()))
-            next_ping = now + ping_interval
-        if not wait_readable(sock, max(0.0, min(next_ping, expires_at) - now)):
-            continue
-        data = sock.recv(RECEIVE_BYTES)
-        if not data:
-            return  # the client went away, or the writer shut the socket down
-        protocol.receive_data(data)
-        for event in protocol.events():
-            if isinstance(event, Ping):
-                sock.send(protocol.send(event.response()))
-            elif isinstance(event, Pong):
-                pong_received = True
-            elif isinstance(event, CloseConnection):
-                ws.connected = False  # nothing more is written but the answer
-                ws.close_reason, ws.close_message = event.code, event.reason
-                with contextlib.suppress(OSError):
-                    sock.send(protocol.send(event.response()))
-                return
-            elif isinstance(event, TextMessage | BytesMessage):
-                size += len(event.data)
-                if size > max_bytes:
-                    connection.request_close(CLOSE_MESSAGE_TOO_BIG, "Message is too big")
-                    return
-                parts.append(event.data)
-                if event.message_finished:
-                    message = parts[0] if len(parts) == 1 else parts[0][:0].join(parts)
-                    parts, size = [], 0
-                    yield message
-
-
-def wait_readable(sock: Any, timeout: float) -> bool:
-    """Wait until `sock` has something to read (or was shut down); False on timeout.
-
-    An idle socket spends its whole life in this wait, so what the wait holds is most
-    of what the socket costs. Under gevent it is one I/O watcher and a timer; gevent's
-    `select.poll()` would hold a poll object, a result set, an Event and its watchers
-    (about 6 KiB). Not the socket's own timeout: the writer sets that for its writes.
-    Otherwise poll, not select: select refuses descriptors past 1,024."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("socket"):
-        from gevent.socket import wait_read
-
-        try:
-            wait_read(sock.fileno(), timeout)
-        except TimeoutError:
-            return False
-        return True
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
+        opened.finish(wait_seconds, None)
+    return False
 
 
 def handle_client_frame(typing: TypingRelay, data: str | bytes) -> dict[str, Any] | None:

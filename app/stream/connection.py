@@ -13,7 +13,7 @@ stack) whatever it does. So the writer is not a greenlet per socket waiting on a
 it is started when something is queued for an idle socket and ends when the queue is
 empty again, and the queue itself (a plain deque, no Conditions) exists only while there
 is something in it. An idle socket is this object (slots, no dict) and no greenlet of
-its own beyond the route's, which reads the socket (app/api/stream.py).
+its own: the event loop reads the socket (app/stream/reader.py).
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ _HANDOFF = threading.Lock()
 class CloseRequest:
     code: int
     reason: str
+    # The close frame to write as it is (the answer to the client's close), if any.
+    reply: bytes | None = None
 
 
 def _spawn(target: Callable[[], None]) -> Any:
@@ -164,11 +166,17 @@ class StreamConnection:
         """Queue a frame that is not from the log (typing, error)."""
         self.offer({"frame": frame})
 
-    def request_close(self, code: int, reason: str) -> None:
+    def send_bytes(self, data: bytes) -> None:
+        """Queue bytes already framed by the socket's wsproto connection (a ping, a
+        pong), so that they too are written whole and by the writer alone."""
+        self.offer({"bytes": data})
+
+    def request_close(self, code: int, reason: str, *, reply: bytes | None = None) -> None:
         """Close the socket with this code once the item being written is out (the first
-        request wins); what is still queued is dropped."""
+        request wins); what is still queued is dropped. `reply`: the close frame to
+        write instead, as it is (the answer to a close the client started)."""
         if self._close_request is None:
-            self._close_request = CloseRequest(code, reason[:120])
+            self._close_request = CloseRequest(code, reason[:120], reply)
         self._queue(None)
 
     @property
@@ -232,6 +240,8 @@ class StreamConnection:
                     self._start()
                 elif "frame" in item:
                     self._write(item["frame"])
+                elif "bytes" in item:
+                    self.ws.sock.send(item["bytes"])
                 else:
                     self._deliver(item)
             if self._close_request is not None:
@@ -347,7 +357,10 @@ class StreamConnection:
         answers the close frame cannot keep its socket open."""
         STREAM_CLOSES.labels(str(request.code)).inc()
         with contextlib.suppress(ConnectionClosed, OSError):
-            self.ws.close(reason=request.code, message=request.reason)
+            if request.reply is not None:
+                self.ws.sock.send(request.reply)
+            else:
+                self.ws.close(reason=request.code, message=request.reason)
         self._shut_down()
 
     def _shut_down(self) -> None:
