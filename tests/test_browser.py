@@ -230,6 +230,21 @@ def message(window: Window, text: str):
     return window.page.locator("#message-list .message", has_text=text)
 
 
+def open_thread(window: Window, name: str, *, showing: str) -> None:
+    """Click a conversation until its thread shows `showing`, as a person would before
+    typing: on a loaded machine the list can re-render under the click (a block, a new
+    message), the click then lands on a node already gone, and Enter with no open thread
+    sends nothing (CI saw that once)."""
+    for attempt in range(3):
+        conversation_item(window, name).click()
+        try:
+            expect(message(window, showing)).to_be_visible(timeout=10_000)
+            return
+        except AssertionError:
+            if attempt == 2:
+                raise
+
+
 # ----------------------------------------------------------------------------- tests
 
 
@@ -337,7 +352,7 @@ def test_history_pages_on_scroll_and_a_block_rejects_with_its_reason(
     alice = open_demo("alice", ["bob"])
     bob.page.get_by_role("button", name="Block Alice").click()
     expect(bob.page.get_by_role("button", name="Unblock Alice")).to_be_visible()
-    conversation_item(alice, "Bob").click()
+    open_thread(alice, "Bob", showing="history 45")
     alice.page.get_by_label("Message", exact=True).fill("are you there?")
     alice.page.get_by_label("Message", exact=True).press("Enter")
     status_line = message(alice, "are you there?").locator(".status")
