@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,12 @@ def test_a_ping_is_answered_through_the_writer() -> None:
 
 def test_pings_go_out_on_schedule_and_an_unanswered_one_closes_with_1008() -> None:
     reader, connection, client, _ = pair(ping_interval=10.0)
-    start = reader.next_ping - 10.0
-    reader.tick(start + 5)
+    first = reader.next_ping
+    # The first ping comes within the interval's second half (spread, not all at once).
+    assert time.monotonic() + 4.9 <= first <= time.monotonic() + 10.0
+    reader.tick(first - 0.1)
     assert connection.sent == []
+    start = first - 10.0
     reader.tick(start + 10)
     assert [type(e) for e in events_of(client, connection.sent)] == [Ping]
     reader.feed(client.send(Pong()))  # answered: the next ping goes out

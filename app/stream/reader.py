@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import select
 import socket
 import sys
@@ -56,8 +57,10 @@ from app.stream.connection import (
 log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 4096  # per read of a client's socket (what simple-websocket reads)
-# How often the event loop's timer looks at every socket's ping and token deadlines.
+# How often the event loop's timer looks at every socket's ping and token deadlines, and
+# how many sockets it looks at before it lets other greenlets run.
 TICK_SECONDS = 1.0
+TICK_SLICE = 200
 
 
 class DetachedSocket:
@@ -135,7 +138,10 @@ class SocketReader:
         self._ws, self._connection = ws, connection
         self._ping_interval, self._max_bytes = ping_interval, max_bytes
         self.expires_at = expires_at  # time.monotonic()
-        self.next_ping = time.monotonic() + ping_interval
+        # The first ping at a random point of the interval's second half: sockets opened
+        # together (a reconnect storm, a benchmark) would otherwise all be pinged in the
+        # same tick, every interval, for as long as they stay open.
+        self.next_ping = time.monotonic() + ping_interval * random.uniform(0.5, 1.0)
         self._pong_received = True
         self._parts: list[Any] | None = None
         self._size = 0
@@ -372,7 +378,9 @@ class EventLoopReaders:
             now = time.monotonic()
             with self._lock:
                 watched = list(self._watched.values())
-            for each in watched:
+            for index, each in enumerate(watched):
+                if index and index % TICK_SLICE == 0:
+                    gevent.sleep(0)  # a tick over 5,000 sockets must not stall the rest
                 try:
                     each.reader.tick(now)
                 except Exception:
