@@ -187,6 +187,16 @@ class Log:
     def after(self, user_id, after_seq, up_to=None):
         return iter(())
 
+class Owner:
+    def __init__(self, index, connection, ws):
+        self.index, self.connection, self.ws = index, connection, ws
+    def answer(self, message):
+        answered.append((self.index, message))
+        self.connection.send_frame({"type": "echo", "data": message})
+    def finish(self):
+        finished.append(self.index)
+        self.ws.sock.close()
+
 def live_greenlets():
     return sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead)
 
@@ -201,13 +211,7 @@ for i in range(SOCKETS):
     )
     connection.start()
     reader = SocketReader(ws, connection, ping_interval=0.2, max_bytes=1024, expires_at=1e12)
-    def answer(message, connection=connection, i=i):
-        answered.append((i, message))
-        connection.send_frame({"type": "echo", "data": message})
-    def finish(i=i, ws=ws):
-        finished.append(i)
-        ws.sock.close()
-    readers.add(reader, ours.fileno(), answer, finish)
+    readers.add(reader, ours.fileno(), Owner(i, connection, ws))
     peers.append(peer)
     clients.append(Connection(ConnectionType.CLIENT))
 gevent.sleep(0.05)  # every writer's start is done

@@ -29,7 +29,6 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import sqlalchemy.exc
@@ -304,31 +303,49 @@ class ClientFrames:
 
 @dataclass(slots=True)
 class _OpenStream:
-    """What the socket's reading needs once the stream is set up."""
+    """A socket once set up: what its reader calls with each client frame (`answer`) and
+    at its end (`finish`). One object for both, not two bound callables: a web process
+    holds thousands of these, and every object alive lengthens a full collection."""
 
     connection: StreamConnection
     hub: Any
-    frames: ClientFrames
+    app: Any
+    tenant_id: str
     expires_at: float  # time.monotonic()
+    wait_seconds: float  # for the writer at the end
+    detached: DetachedSocket | None  # a socket that outlives its request
+    frames: ClientFrames | None = None  # made on the first frame: most sockets send none
 
-    def answer(self, app: Any, data: str | bytes) -> None:
+    def answer(self, data: str | bytes) -> None:
         """Answer one client frame. Under gevent this runs on a greenlet of its own, after
         the request is gone: the app's context is pushed for it."""
-        with app.app_context():
+        with self.app.app_context():
+            if self.frames is None:
+                extensions = self.app.extensions
+                user_id = self.connection.user_id
+                limit = FrameLimit(
+                    extensions["switchboard.ratelimiter"],
+                    self.tenant_id,
+                    user_id,
+                    extensions["switchboard.policy"].rate_limit_frames,
+                )
+                self.frames = ClientFrames(
+                    limit, user_id, self.tenant_id, extensions["switchboard.event_log"]
+                )
             reply = self.frames.answer(data)
         if reply is not None:
             self.connection.send_frame(reply)
 
-    def finish(self, wait_seconds: float, detached: DetachedSocket | None) -> None:
+    def finish(self) -> None:
         """The socket is done: leave the hub, close it once its writer is through, and
         give back the descriptor of a socket that outlived its request."""
         self.hub.unregister(self.connection)
         # The first close requested wins: this 1000 replaces no earlier reason.
         self.connection.request_close(CLOSE_NORMAL, "")
-        self.connection.join(timeout=wait_seconds)
-        if detached is not None:
+        self.connection.join(timeout=self.wait_seconds)
+        if self.detached is not None:
             with contextlib.suppress(OSError):
-                detached.sock.close()
+                self.detached.sock.close()
 
 
 def _open_stream(ws: Any, app: Any, event_log: EventLog) -> _OpenStream | None:
@@ -377,12 +394,15 @@ def _open_stream(ws: Any, app: Any, event_log: EventLog) -> _OpenStream | None:
     # CATCH_UP does the reading: see app/stream/hub.py.)
     connection.replay_at_start = hub.register(connection)
     connection.start()
-    frame_limit = FrameLimit(
-        limiter, tenant_id, user_id, app.extensions["switchboard.policy"].rate_limit_frames
+    return _OpenStream(
+        connection,
+        hub,
+        app,
+        tenant_id,
+        expires_at=time.monotonic() + max(0.0, token_expires_at - time.time()),
+        wait_seconds=settings.stream_slow_consumer_grace + 1,
+        detached=ws if isinstance(ws, DetachedSocket) else None,
     )
-    expires_at = time.monotonic() + max(0.0, token_expires_at - time.time())
-    frames = ClientFrames(frame_limit, user_id, tenant_id, event_log)
-    return _OpenStream(connection, hub, frames, expires_at)
 
 
 def serve_stream(ws: Any) -> bool:
@@ -404,17 +424,11 @@ def serve_stream(ws: Any) -> bool:
         max_bytes=settings.stream_max_frame_bytes,
         expires_at=opened.expires_at,
     )
-    wait_seconds = settings.stream_slow_consumer_grace + 1
-    if isinstance(ws, DetachedSocket):
-        app.extensions["switchboard.stream_readers"].add(
-            reader,
-            ws.sock.fileno(),
-            partial(opened.answer, app),
-            partial(opened.finish, wait_seconds, ws),
-        )
+    if opened.detached is not None:
+        app.extensions["switchboard.stream_readers"].add(reader, ws.sock.fileno(), opened)
         return True
     try:
-        read_until_finished(reader, partial(opened.answer, app), ws.sock)
+        read_until_finished(reader, opened.answer, ws.sock)
     except (ConnectionClosed, OSError):
         pass
     except Exception:
@@ -422,7 +436,7 @@ def serve_stream(ws: Any) -> bool:
         log.exception("stream reader failed")
         connection.request_close(CLOSE_INTERNAL_ERROR, "internal_error: reconnect")
     finally:
-        opened.finish(wait_seconds, None)
+        opened.finish()
     return False
 
 

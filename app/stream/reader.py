@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from simple_websocket import ConnectionClosed
 from wsproto.events import (
@@ -258,22 +258,23 @@ def _failed(reader: SocketReader) -> None:
     reader.finished = True
 
 
+class SocketOwner(Protocol):
+    """What a handed-over socket's reader calls: `answer` with each client message, on a
+    greenlet of its own, one at a time; `finish` once, on one, when the socket is done."""
+
+    def answer(self, message: str | bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+
 class _Watched:
     """A socket handed to the event loop: its reader, its descriptor and I/O watcher, and
-    what to do with its messages and at its end."""
+    its owner."""
 
-    __slots__ = ("answer", "fd", "finish", "reader", "watcher")
+    __slots__ = ("fd", "owner", "reader", "watcher")
 
-    def __init__(
-        self,
-        reader: SocketReader,
-        fd: int,
-        watcher: Any,
-        answer: Callable[[str | bytes], None],
-        finish: Callable[[], None],
-    ) -> None:
-        self.reader, self.fd, self.watcher = reader, fd, watcher
-        self.answer, self.finish = answer, finish
+    def __init__(self, reader: SocketReader, fd: int, watcher: Any, owner: SocketOwner) -> None:
+        self.reader, self.fd, self.watcher, self.owner = reader, fd, watcher, owner
 
 
 class EventLoopReaders:
@@ -289,21 +290,16 @@ class EventLoopReaders:
     def __len__(self) -> int:
         return len(self._watched)
 
-    def add(
-        self,
-        reader: SocketReader,
-        fd: int,
-        answer: Callable[[str | bytes], None],
-        finish: Callable[[], None],
-    ) -> None:
+    def add(self, reader: SocketReader, fd: int, owner: SocketOwner) -> None:
         """Read the socket `fd` (non-blocking, as gevent's are) for `reader` from now on.
-        `answer(message)` runs on a greenlet of its own, one message at a time (the socket
-        is not read meanwhile, so a client cannot queue up answers); `finish()` runs on
-        one once the reader is finished, and the descriptor is not touched after that."""
+        `owner.answer(message)` runs on a greenlet of its own, one message at a time (the
+        socket is not read meanwhile, so a client cannot queue up answers);
+        `owner.finish()` runs on one once the reader is finished, and the descriptor is
+        not touched after that."""
         import gevent
 
         watcher = gevent.get_hub().loop.io(fd, 1)  # 1: readable
-        watched = _Watched(reader, fd, watcher, answer, finish)
+        watched = _Watched(reader, fd, watcher, owner)
         with self._lock:
             self._watched[id(watched)] = watched
             if self._ticker is None or self._ticker.dead:
@@ -338,7 +334,7 @@ class EventLoopReaders:
 
     def _answer(self, watched: _Watched, message: str | bytes) -> None:
         try:
-            watched.answer(message)
+            watched.owner.answer(message)
         except Exception:
             _failed(watched.reader)
         if watched.reader.finished:
@@ -356,7 +352,7 @@ class EventLoopReaders:
                 return  # already ended
         watched.watcher.stop()
         watched.watcher.close()
-        gevent.spawn(watched.finish)
+        gevent.spawn(watched.owner.finish)
 
     def close_all(self, timeout: float) -> None:
         """Close every socket with 1001 and wait up to `timeout` seconds for the close

@@ -21,6 +21,8 @@ class SlowConsumer(OSError):
 
 
 class SerializedSocket:
+    __slots__ = ("_lock", "_sock", "_write_timeout")
+
     def __init__(self, sock: socket.socket, write_timeout: float) -> None:
         self._sock = sock
         self._lock = threading.Lock()
