@@ -86,6 +86,9 @@ class Settings(BaseModel):
     task_visibility_timeout: int = Field(
         default=300, ge=30, le=86400, validation_alias=_env("SWITCHBOARD_TASK_VISIBILITY_TIMEOUT")
     )
+    stream_max_sockets: int = Field(
+        default=10_000, ge=1, le=1_000_000, validation_alias=_env("SWITCHBOARD_STREAM_MAX_SOCKETS")
+    )
     stream_queue_size: int = Field(
         default=256, ge=1, le=100_000, validation_alias=_env("SWITCHBOARD_STREAM_QUEUE_SIZE")
     )

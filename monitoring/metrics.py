@@ -83,6 +83,11 @@ EVENTS_REPLAYED = Counter(
     "switchboard_events_replayed_total",
     "Events read back from the log for a socket that had missed them.",
 )
+STREAMS_REFUSED_FULL = Counter(
+    "switchboard_streams_refused_full_total",
+    "Stream connects closed with 1013 because the web process held "
+    "SWITCHBOARD_STREAM_MAX_SOCKETS sockets already.",
+)
 SLOW_CONSUMER_DISCONNECTS = Counter(
     "switchboard_slow_consumer_disconnects_total",
     "Sockets closed because their client did not read fast enough.",

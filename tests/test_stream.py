@@ -475,6 +475,50 @@ def test_a_stopping_web_process_closes_its_streams_with_1001(
         system.stop()
 
 
+def test_past_its_most_sockets_a_web_process_closes_new_streams_with_1013(
+    database_url, redis_url, make_user, token_for, tmp_path: Path
+):
+    """Open streams are not gunicorn's connections once set up, so worker_connections does
+    not bound them: SWITCHBOARD_STREAM_MAX_SOCKETS does, and a place freed is taken again."""
+    env = live_env(database_url, separate_redis_db(redis_url, 5)) | {
+        "SWITCHBOARD_STREAM_MAX_SOCKETS": "2"
+    }
+    system = LiveSystem(env, tmp_path / "logs").start()
+    try:
+        alice = make_user("alice", role="manager")
+        held = [Stream(system.ws_url(), token_for(alice), last_event_id=0) for _ in range(2)]
+        for stream in held:  # an answered frame: the socket is set up and counted
+            stream.send({"type": "nope"})
+            answer = stream.next()
+            assert answer is not None and answer["data"]["code"] == "unknown_frame_type"
+        refused = Stream(system.ws_url(), token_for(alice), last_event_id=0)
+        code, reason = refused.expect_close()
+        assert code == 1013 and reason.startswith("overloaded"), (code, reason)
+        held.pop().close()
+        # Once the server has let the closed one go, a new stream is served again.
+        def serves() -> bool:
+            stream = Stream(system.ws_url(), token_for(alice), last_event_id=0)
+            try:
+                stream.next(timeout=0.5)
+            except websocket.WebSocketTimeoutException:
+                return True  # open and quiet: served
+            finally:
+                stream.close()
+            return False
+
+        wait_for(serves, timeout=10)
+        refusals = [
+            float(line.split()[1])
+            for line in urllib_get(system.url() + "/metrics").splitlines()
+            if line.startswith("switchboard_streams_refused_full_total ")
+        ]
+        assert refusals and refusals[0] >= 1
+        for stream in held:
+            stream.close()
+    finally:
+        system.stop()
+
+
 def test_per_message_compression_is_not_negotiated(live, make_user, token_for):
     alice = make_user("alice", role="manager")
     stream = websocket.create_connection(

@@ -61,7 +61,7 @@ from app.stream.reader import (
     read_until_finished,
 )
 from app.stream.sockets import serialize_writes
-from monitoring.metrics import RATE_LIMITED
+from monitoring.metrics import RATE_LIMITED, STREAMS_REFUSED_FULL
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("stream", __name__, url_prefix="/v1")
@@ -352,6 +352,13 @@ def _open_stream(ws: Any, app: Any, event_log: EventLog) -> _OpenStream | None:
     """Authenticate, check the limits and `last_event_id`, register the socket with the
     hub and start its writer; None once the socket was closed with the reason."""
     settings = app.extensions["switchboard.settings"]
+    # Handed-over sockets are not gunicorn's connections, so its worker_connections no
+    # longer bounds them: this does, before anything is asked of the database.
+    readers = app.extensions["switchboard.stream_readers"]
+    if isinstance(ws, DetachedSocket) and len(readers) >= settings.stream_max_sockets:
+        STREAMS_REFUSED_FULL.inc()
+        _close(ws, CLOSE_TRY_AGAIN_LATER, "overloaded: this server holds its most sockets")
+        return None
     try:
         user_id, tenant_id, seq_at_connect, token_expires_at = _authenticate(app, event_log)
     except ApiError as exc:
