@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from wsproto.connection import Connection
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
 from app.stream.reader import DetachedSocket, SocketReader, read_until_finished, wait_readable
+from app.stream.sockets import SerializedSocket, SlowConsumer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -287,3 +289,42 @@ def test_bytes_that_break_the_protocol_close_the_socket_instead_of_raising(paylo
     reader.feed(payload)
     assert reader.finished
     assert connection.close is not None and connection.close[2] is not None
+
+
+def test_a_write_larger_than_the_buffers_arrives_whole() -> None:
+    """The first send takes what the kernel accepts; the rest follows as the peer reads."""
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    received = bytearray()
+    failures: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            while chunk := peer.recv(65536):
+                received.extend(chunk)
+        except BaseException as exc:  # asserted below, in the test's thread
+            failures.append(exc)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        payload = bytes(range(256)) * 4096  # 1 MiB
+        assert SerializedSocket(ours, write_timeout=10).send(payload) == len(payload)
+        ours.shutdown(socket.SHUT_WR)
+        reader.join(10)
+        assert not reader.is_alive() and not failures, failures
+        assert bytes(received) == payload
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_a_peer_that_reads_nothing_makes_the_write_fail_as_a_slow_consumer() -> None:
+    ours, peer = socket.socketpair()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        with pytest.raises(SlowConsumer):
+            SerializedSocket(ours, write_timeout=0.2).send(b"x" * (8 * 1024 * 1024))
+    finally:
+        ours.close()
+        peer.close()
