@@ -495,6 +495,7 @@ def test_past_its_most_sockets_a_web_process_closes_new_streams_with_1013(
         code, reason = refused.expect_close()
         assert code == 1013 and reason.startswith("overloaded"), (code, reason)
         held.pop().close()
+
         # Once the server has let the closed one go, a new stream is served again.
         def serves() -> bool:
             stream = Stream(system.ws_url(), token_for(alice), last_event_id=0)
