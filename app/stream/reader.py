@@ -28,7 +28,6 @@ import random
 import select
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -279,11 +278,14 @@ class _Watched:
 
 class EventLoopReaders:
     """Every handed-over socket of this process, read by gevent's event loop (see the
-    module's docstring). `add` from any greenlet; one per process."""
+    module's docstring). `add` from any greenlet; one per process.
+
+    No lock: everything here runs on the one thread that runs the event loop (in its
+    greenlets or its callbacks), and nothing switches while the table changes. (A lock
+    would be a hazard besides: the event loop's callbacks may not wait for one.)"""
 
     def __init__(self, tick_seconds: float = TICK_SECONDS) -> None:
         self._watched: dict[int, _Watched] = {}
-        self._lock = threading.Lock()
         self._ticker: Any = None
         self._tick_seconds = tick_seconds
 
@@ -300,10 +302,9 @@ class EventLoopReaders:
 
         watcher = gevent.get_hub().loop.io(fd, 1)  # 1: readable
         watched = _Watched(reader, fd, watcher, owner)
-        with self._lock:
-            self._watched[id(watched)] = watched
-            if self._ticker is None or self._ticker.dead:
-                self._ticker = gevent.spawn(self._tick_forever)
+        self._watched[id(watched)] = watched
+        if self._ticker is None or self._ticker.dead:
+            self._ticker = gevent.spawn(self._tick_forever)
         watcher.start(self._on_readable, watched)
 
     def _on_readable(self, watched: _Watched) -> None:
@@ -347,9 +348,8 @@ class EventLoopReaders:
     def _end(self, watched: _Watched) -> None:
         import gevent
 
-        with self._lock:
-            if self._watched.pop(id(watched), None) is None:
-                return  # already ended
+        if self._watched.pop(id(watched), None) is None:
+            return  # already ended
         watched.watcher.stop()
         watched.watcher.close()
         gevent.spawn(watched.owner.finish)
@@ -361,8 +361,7 @@ class EventLoopReaders:
         waits for, and would otherwise be cut without a word."""
         import gevent
 
-        with self._lock:
-            watched = list(self._watched.values())
+        watched = list(self._watched.values())
         for each in watched:
             each.reader.connection.request_close(
                 CLOSE_GOING_AWAY, "going_away: the server is restarting; reconnect"
@@ -379,8 +378,7 @@ class EventLoopReaders:
         while True:
             gevent.sleep(self._tick_seconds)
             now = time.monotonic()
-            with self._lock:
-                watched = list(self._watched.values())
+            watched = list(self._watched.values())
             for index, each in enumerate(watched):
                 if index and index % TICK_SLICE == 0:
                     gevent.sleep(0)  # a tick over 5,000 sockets must not stall the rest
