@@ -179,8 +179,8 @@ class TypingRelay:
 
 
 class _NoThread:
-    """simple-websocket's reader thread, never started: `read_frames` reads on the route's
-    own greenlet instead, so a socket costs one greenlet, not two."""
+    """simple-websocket's reader thread, never started: the stream's own reader
+    (app/stream/reader.py) reads the socket, driven by the event loop under gevent."""
 
     __slots__ = ("name",)
 
