@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,17 @@ def pair(
         expires_at=expires_at,
     )
     return reader, connection, Connection(ConnectionType.CLIENT), ws
+
+
+@pytest.fixture
+def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair (ours, the peer's), closed after the test."""
+    ours, peer = socket.socketpair()
+    try:
+        yield ours, peer
+    finally:
+        ours.close()
+        peer.close()
 
 
 def events_of(client: Connection, data: list[bytes]) -> list[Any]:
@@ -137,33 +149,25 @@ def test_a_writer_that_closed_the_socket_finishes_the_reader() -> None:
     assert reader.finished
 
 
-def test_the_threaded_driver_answers_each_message_then_ends_with_the_stream() -> None:
-    ours, peer = socket.socketpair()
-    try:
-        reader, _, client, _ = pair()
-        peer.sendall(client.send(TextMessage(data="one")) + client.send(TextMessage(data="two")))
-        peer.shutdown(socket.SHUT_WR)
-        answered: list[str | bytes] = []
-        read_until_finished(reader, answered.append, ours)
-        assert answered == ["one", "two"]
-        assert reader.finished
-    finally:
-        ours.close()
-        peer.close()
+def test_the_threaded_driver_answers_each_message_then_ends_with_the_stream(sockets) -> None:
+    ours, peer = sockets
+    reader, _, client, _ = pair()
+    peer.sendall(client.send(TextMessage(data="one")) + client.send(TextMessage(data="two")))
+    peer.shutdown(socket.SHUT_WR)
+    answered: list[str | bytes] = []
+    read_until_finished(reader, answered.append, ours)
+    assert answered == ["one", "two"]
+    assert reader.finished
 
 
-def test_the_threaded_wait_ends_on_data_on_a_shutdown_or_on_timeout() -> None:
-    ours, peer = socket.socketpair()
-    try:
-        assert wait_readable(ours, 0.05) is False
-        peer.send(b"x")
-        assert wait_readable(ours, 5) is True
-        ours.recv(1)
-        ours.shutdown(socket.SHUT_RDWR)  # what the writer does to end the reader
-        assert wait_readable(ours, 5) is True
-    finally:
-        ours.close()
-        peer.close()
+def test_the_threaded_wait_ends_on_data_on_a_shutdown_or_on_timeout(sockets) -> None:
+    ours, peer = sockets
+    assert wait_readable(ours, 0.05) is False
+    peer.send(b"x")
+    assert wait_readable(ours, 5) is True
+    ours.recv(1)
+    ours.shutdown(socket.SHUT_RDWR)  # what the writer does to end the reader
+    assert wait_readable(ours, 5) is True
 
 
 # The event loop's readers with the real socket writer (StreamConnection), 200 sockets
@@ -291,10 +295,11 @@ def test_bytes_that_break_the_protocol_close_the_socket_instead_of_raising(paylo
     assert connection.close is not None and connection.close[2] is not None
 
 
-def test_a_write_larger_than_the_buffers_arrives_whole() -> None:
+def test_a_write_larger_than_the_buffers_arrives_whole(sockets) -> None:
     """The first send takes what the kernel accepts; the rest follows as the peer reads."""
-    ours, peer = socket.socketpair()
+    ours, peer = sockets
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.settimeout(15)  # the reading thread cannot hang the run if the write fails
     received = bytearray()
     failures: list[BaseException] = []
 
@@ -305,26 +310,18 @@ def test_a_write_larger_than_the_buffers_arrives_whole() -> None:
         except BaseException as exc:  # asserted below, in the test's thread
             failures.append(exc)
 
-    reader = threading.Thread(target=drain)
+    reader = threading.Thread(target=drain, daemon=True)
     reader.start()
-    try:
-        payload = bytes(range(256)) * 4096  # 1 MiB
-        assert SerializedSocket(ours, write_timeout=10).send(payload) == len(payload)
-        ours.shutdown(socket.SHUT_WR)
-        reader.join(10)
-        assert not reader.is_alive() and not failures, failures
-        assert bytes(received) == payload
-    finally:
-        ours.close()
-        peer.close()
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    assert SerializedSocket(ours, write_timeout=10).send(payload) == len(payload)
+    ours.shutdown(socket.SHUT_WR)
+    reader.join(20)
+    assert not reader.is_alive() and not failures, failures
+    assert bytes(received) == payload
 
 
-def test_a_peer_that_reads_nothing_makes_the_write_fail_as_a_slow_consumer() -> None:
-    ours, peer = socket.socketpair()
-    try:
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        with pytest.raises(SlowConsumer):
-            SerializedSocket(ours, write_timeout=0.2).send(b"x" * (8 * 1024 * 1024))
-    finally:
-        ours.close()
-        peer.close()
+def test_a_peer_that_reads_nothing_makes_the_write_fail_as_a_slow_consumer(sockets) -> None:
+    ours, _ = sockets
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    with pytest.raises(SlowConsumer):
+        SerializedSocket(ours, write_timeout=0.2).send(b"x" * (8 * 1024 * 1024))

@@ -322,10 +322,17 @@ class EventLoopReaders:
             reader.feed(data)
         except Exception:
             _failed(reader)
-        if reader.finished:
+        self._go_on(watched, reading=True)
+
+    def _go_on(self, watched: _Watched, *, reading: bool) -> None:
+        """After a read or an answer: end a finished socket, answer the next message, or
+        (`reading` False: the watcher was stopped for an answer) read again."""
+        if watched.reader.finished:
             self._end(watched)
-        elif reader.messages:
+        elif watched.reader.messages:
             self._answer_next(watched)
+        elif not reading:
+            watched.watcher.start(self._on_readable, watched)
 
     def _answer_next(self, watched: _Watched) -> None:
         import gevent
@@ -338,12 +345,7 @@ class EventLoopReaders:
             watched.owner.answer(message)
         except Exception:
             _failed(watched.reader)
-        if watched.reader.finished:
-            self._end(watched)
-        elif watched.reader.messages:
-            self._answer_next(watched)
-        else:
-            watched.watcher.start(self._on_readable, watched)
+        self._go_on(watched, reading=False)
 
     def _end(self, watched: _Watched) -> None:
         import gevent
