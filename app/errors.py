@@ -61,7 +61,7 @@ def register_error_handlers(app: Flask) -> None:
     def _bad_handshake(_exc: Exception) -> ResponseReturnValue:
         # An `Upgrade: websocket` request that is no valid handshake (no or a bad
         # Sec-WebSocket-Key, an unsupported Sec-WebSocket-Version): wsproto refuses it in
-        # flask-sock's Server() before the stream's view runs, and nothing has been written
+        # simple-websocket's Server() before the stream's view runs, and nothing has been written
         # to the socket yet, so it is an HTTP 400 like any bad input, not a 500. (After the
         # handshake wsproto's errors stay in simple-websocket's reader thread.)
         message = (

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
     from gunicorn.workers.base import Worker
 
+    from app.gc_pauses import GcPauseMeter
+
 
 def _bind_address(host: str, port: str) -> str:
     # An IPv6 literal needs brackets to keep its colons apart from the port's.
@@ -102,9 +104,14 @@ def on_exit(server: Arbiter) -> None:
         shutil.rmtree(_OWN_METRICS_DIR, ignore_errors=True)
 
 
+# Times the collector's pauses once a worker has started (see post_worker_init).
+_GC_PAUSES: GcPauseMeter | None = None
+
+
 def post_worker_init(worker: Worker) -> None:
     """Move everything start-up made (the app, its modules, the policy) out of the garbage
-    collector's sight, and collect young objects less often.
+    collector's sight, collect young objects less often, and time every collection
+    (`switchboard_gc_pause_seconds`).
 
     A full collection walks every tracked object; frozen ones are skipped. Without this a
     web process holding 5,000 sockets walks the start-up heap too, and one full collection
@@ -113,9 +120,14 @@ def post_worker_init(worker: Worker) -> None:
     lived); the older generations keep their defaults."""
     import gc
 
+    from app.gc_pauses import GcPauseMeter
+
+    global _GC_PAUSES
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
+    _GC_PAUSES = GcPauseMeter()
+    _GC_PAUSES.install()
 
 
 def worker_exit(server: Arbiter, worker: Worker) -> None:
@@ -135,5 +147,7 @@ def worker_exit(server: Arbiter, worker: Worker) -> None:
     readers = extensions.get("switchboard.stream_readers")
     if readers is not None:
         readers.close_all(timeout=2.0)
+    if _GC_PAUSES is not None:
+        _GC_PAUSES.uninstall()
     gc.unfreeze()
     gc.collect()

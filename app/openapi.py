@@ -9,7 +9,7 @@ Why a table here rather than a library (spectree, flask-openapi3): both validate
 bodies themselves and answer bad input with 422 and their own error body, where the
 contract says 400 and `{"error": {code, message}}`; the app already validates at the
 edge (app/web.py, app/input_checks.py) and that must stay the one path. Why a table
-rather than decorators on the views: the stream's view is wrapped by flask-sock, and a
+rather than decorators on the views: the stream's view is wrapped by `websocket_view`, and a
 table keyed by endpoint leaves the handlers untouched. It cannot drift silently:
 `build_document` refuses a route without an entry, and tests/test_openapi.py fails on an
 entry without a route.

@@ -39,17 +39,7 @@ def histogram_quantile(
 ) -> tuple[float, int]:
     """Prometheus-style estimate (linear within a bucket) from the buckets' increase
     between two scrapes, over the series matching `labels`."""
-    buckets: dict[float, float] = {}
-    for key, value in after.items():
-        match = _SAMPLE.fullmatch(key)
-        if not match or match[1] != name + "_bucket":
-            continue
-        found = dict(_LABEL.findall(match[2] or ""))
-        if any(found.get(k) != v for k, v in labels.items()) or "le" not in found:
-            continue
-        bound = float("inf") if found["le"] == "+Inf" else float(found["le"])
-        buckets[bound] = buckets.get(bound, 0.0) + value - before.get(key, 0.0)
-    ordered = sorted(buckets.items())
+    ordered = _increase_by_bucket(before, after, name, **labels)
     if not ordered or ordered[-1][1] <= 0:
         return float("nan"), 0
     total = ordered[-1][1]
@@ -101,6 +91,14 @@ class HealthProbe:
         finally:
             connection.close()
 
+    def mark(self) -> None:
+        """Remember the garbage collector's figures now, for `collector_summary`."""
+        self._collector_before = scrape(self.port)
+
+    def collector_summary(self) -> str:
+        """The web worker's garbage collections since `mark()`, in one line."""
+        return collector_summary(getattr(self, "_collector_before", {}), scrape(self.port))
+
     def summary(self, since: float) -> str:
         """The probes sent since the monotonic time `since`, in one line."""
         waits = [w for sent, w in self.samples if sent >= since]
@@ -112,3 +110,43 @@ class HealthProbe:
             f"{percentile(waits, 50) * 1000:.1f} ms, p99 {percentile(waits, 99) * 1000:.1f} ms, "
             f"max {max(waits) * 1000:.0f} ms, {stalls} of {len(waits)} over 100 ms"
         )
+
+
+def _increase_by_bucket(
+    before: dict[str, float], after: dict[str, float], name: str, **labels: str
+) -> list[tuple[float, float]]:
+    """(bucket bound, increase of its cumulative count) between two scrapes, by bound."""
+    buckets: dict[float, float] = {}
+    for key, value in after.items():
+        match = _SAMPLE.fullmatch(key)
+        if not match or match[1] != name + "_bucket":
+            continue
+        found = dict(_LABEL.findall(match[2] or ""))
+        if any(found.get(k) != v for k, v in labels.items()) or "le" not in found:
+            continue
+        bound = float("inf") if found["le"] == "+Inf" else float(found["le"])
+        buckets[bound] = buckets.get(bound, 0.0) + value - before.get(key, 0.0)
+    return sorted(buckets.items())
+
+
+def longest_bound(
+    before: dict[str, float], after: dict[str, float], name: str, **labels: str
+) -> tuple[int, float]:
+    """(observations, the smallest bucket bound holding all of them) between two scrapes."""
+    ordered = _increase_by_bucket(before, after, name, **labels)
+    if not ordered or ordered[-1][1] <= 0:
+        return 0, 0.0
+    total = ordered[-1][1]
+    return int(total), next(bound for bound, cumulative in ordered if cumulative >= total)
+
+
+def collector_summary(before: dict[str, float], after: dict[str, float]) -> str:
+    """The web process's collections of each generation between two scrapes, with the
+    bucket of the longest pause (`switchboard_gc_pause_seconds`)."""
+    parts = []
+    for generation in ("0", "1", "2"):
+        count, longest = longest_bound(
+            before, after, "switchboard_gc_pause_seconds", generation=generation
+        )
+        parts.append(f"gen{generation} {count}" + (f" (<= {longest * 1000:g} ms)" if count else ""))
+    return "collections: " + ", ".join(parts)

@@ -220,6 +220,8 @@ class CpuMeter:
         return {"per_pid": per_pid, "busy": busy, "total": total, "wall": time.monotonic()}
 
     def begin(self) -> None:
+        if self.probe is not None:
+            self.probe.mark()
         self.start = self.sample()
 
     def measure(self) -> dict[str, Any]:
@@ -249,4 +251,5 @@ class CpuMeter:
         )
         if self.probe is not None:
             text += "\n  web event loop: " + self.probe.summary(self.start["wall"])
+            text += "\n  web garbage " + self.probe.collector_summary()
         return text

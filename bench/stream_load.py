@@ -141,7 +141,6 @@ def print_header(args: argparse.Namespace, settings: Any) -> None:
             "gunicorn",
             "gevent",
             "greenlet",
-            "flask-sock",
             "simple-websocket",
             "wsproto",
             "celery",

@@ -107,6 +107,14 @@ DELIVERY_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+GC_PAUSE = Histogram(
+    "switchboard_gc_pause_seconds",
+    "Time a web process's garbage collector ran, by generation (2 is a full collection;"
+    " every socket of the process waits for it).",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+
 SENDS_REDISPATCHED = Counter(
     "switchboard_sends_redispatched_total",
     "Accepted sends the sweeper found undecided: enqueued again, or rejected after too many"

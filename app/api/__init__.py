@@ -17,7 +17,6 @@ def register_blueprints(app: Flask) -> None:
     from app.api.openapi import blueprint as openapi
     from app.api.people import blueprint as people
     from app.api.stream import blueprint as stream
-    from app.api.stream import sock
 
     app.register_blueprint(health)
     app.register_blueprint(openapi)
@@ -30,4 +29,3 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(attachments)
     app.register_blueprint(people)
     app.register_blueprint(stream)
-    sock.init_app(app)

@@ -95,7 +95,7 @@ class DetachedSocket:
 
 
 def detach(ws: Any) -> DetachedSocket:
-    """Take the connection from flask-sock's `Server` so that the route can return while
+    """Take the connection from simple-websocket's `Server` so that the route can return while
     the socket stays open: the `Server` is left closed and its socket object detached from
     the descriptor (gunicorn's close of it afterwards closes nothing), and a new socket
     object owns the same descriptor. The same number, not a duplicate: the event loop
@@ -103,13 +103,12 @@ def detach(ws: Any) -> DetachedSocket:
     registration behind in epoll."""
     descriptor = ws.sock.detach()
     detached = DetachedSocket(socket.socket(fileno=descriptor), ws.ws)
-    ws.connected = False  # flask-sock's close after the route: nothing to send
-    # And the `Server` lets go of the request. flask-sock makes a response class anew for
-    # every socket, which closes over the `Server`, and a class is a reference cycle: all
-    # the `Server` holds (the request's environ, gunicorn's request, body and socket
-    # objects, the handshake's h11 state: ~45 objects a socket) would otherwise wait for
-    # a full collection, and 5,000 handshakes' worth of it made the collections that
-    # stalled every socket (bench/stream_load.py, p99 at 50 msg/s 19 -> 60-265 ms).
+    ws.connected = False  # websocket_view's close after the route: nothing to send
+    # And the `Server` lets go of the request: all it holds (the request's environ,
+    # gunicorn's request, body and socket objects, the handshake's h11 state: ~45 objects
+    # a socket) is otherwise freed only with the `Server`, and whatever keeps the `Server`
+    # alive past the request (flask-sock's response class per socket did, a reference
+    # cycle) keeps all of it for the collector to walk.
     ws.environ = ws.sock = ws.ws = ws.event = ws.thread = None
     return detached
 
