@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import percentile, raise_nofile, run_cleanly, verdict
 from database import PAIRS_TENANT, provision_pairs, psycopg_url, user_id
 from message_sender import plan_sends, send_steady, tally_sends
-from metrics import scrape
+from metrics import collector_summary, scrape
 from proc_stats import CpuMeter, wait_quiet
 from procs import BenchRun, wait_healthy
 from stream_clients import Clients, parse_records
@@ -133,6 +133,7 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
     prefix = f"{ctx['tag']}-{ctx['steps']}"  # client ids: letters, digits and dashes
     plan = plan_sends(ctx["pairs"], ctx["tokens"], ctx["conversations"], prefix, count)
     clients.mark(f'"{prefix}-'.encode())
+    collector_before = scrape(port)
     meter.begin()
     sender_cpu, sending = time.process_time(), time.monotonic()
     sends = send_steady(port, [p[:3] for p in plan], rate, args.sender_threads, "hello")
@@ -140,6 +141,7 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
     expected = 2 * sends.status.count(202)  # the recipient's frame and the sender's echo
     drained = drain(clients, port, expected, args.drain_timeout)
     cpu = meter.measure()
+    collector = collector_summary(collector_before, scrape(port))
     tally = tally_sends(plan, sends, parse_records(clients.collect(), {}))
     left = settle(port, args.settle_timeout)
     accepted = len(tally["accepted"])
@@ -172,7 +174,8 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
     row["parts"] = (
         f"where it goes, p50 / p99: send issued -> 202 {http50 * 1000:.1f} / "
         f"{http99 * 1000:.1f} ms; row inserted -> stored by the worker {stored50 * 1000:.1f} / "
-        f"{stored99 * 1000:.1f} ms; the rest is the event's way to the socket"
+        f"{stored99 * 1000:.1f} ms; the rest is the event's way to the socket\n"
+        f"        the web's garbage {collector}"
     )
     # Behind while the server answered quickly: the sender's CPU or threads, not the server.
     generator_bound = behind and (sender_share > 0.85 or http99 < 0.1)
