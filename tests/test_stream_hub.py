@@ -239,3 +239,45 @@ def test_an_idle_socket_keeps_no_writer_and_no_queue(app, make_user, hub, publis
     commit_event(app, [alice.id], publisher, "again")  # an idle socket still gets its events
     wait_for(lambda: ws.ids() == [1, 2])
     disconnect(hub, connection)
+
+
+class _Offered:
+    """A socket as the hub sees it: a user id and the events offered to it."""
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.items: list[Any] = []
+
+    def offer(self, item: Any) -> None:
+        self.items.append(item)
+
+
+def test_the_hub_yields_after_every_slice_of_sockets_offered(redis_url, monkeypatch):
+    """Under gevent the writers the hub wakes run only once it yields; without the yield
+    a 1,000-recipient chunk put every request of the process behind all 1,000 writes."""
+    from app.stream import hub as hub_module
+
+    hub = Hub(redis_url, channel=f"test-fairness-{uuid.uuid4().hex}")
+    sockets = [_Offered(f"user-{n:04d}") for n in range(250)]
+    for socket_ in sockets:
+        hub.register(socket_)  # type: ignore[arg-type]
+    yields: list[tuple[float, int]] = []
+
+    def recording_sleep(seconds: float) -> None:
+        yields.append((seconds, sum(len(s.items) for s in sockets)))
+
+    monkeypatch.setattr(hub_module.time, "sleep", recording_sleep)
+    recipients = [[socket_.user_id, 7] for socket_ in sockets]
+    offered = hub.dispatch_batch(
+        {"type": "broadcast.created", "data": {}, "recipients": recipients}
+    )
+    assert offered == 250
+    assert all(len(socket_.items) == 1 for socket_ in sockets)
+    # A zero-second sleep after the 100th and the 200th socket, none before.
+    assert yields == [(0, 100), (0, 200)]
+    # Direct announcements count towards the same slices.
+    for socket_ in sockets[:50]:
+        hub.dispatch({"user_id": socket_.user_id, "id": 8, "type": "message.created"})
+    assert yields[-1] == (0, 300)
+    for socket_ in sockets:
+        hub.unregister(socket_)  # type: ignore[arg-type]
