@@ -29,6 +29,7 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,7 +239,7 @@ class _SocketServed(Response):
         return []
 
 
-def websocket_view(view: Any) -> Any:
+def websocket_view(view: Callable[[Any], None]) -> Callable[[], Response]:
     """A view taking the open socket (simple_websocket.Server) as its argument; the
     handshake is answered before it runs, and a failed one is a 400 (app/errors.py)."""
 
