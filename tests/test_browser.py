@@ -363,6 +363,8 @@ def test_history_pages_on_scroll_and_a_block_rejects_with_its_reason(
     expect(bob.page.get_by_role("button", name="Block Alice")).to_be_visible()
     alice.page.get_by_label("Message", exact=True).fill("now?")
     alice.page.get_by_label("Message", exact=True).press("Enter")
+    # Stored first (the sender's side), then on bob's socket: a failure says which.
+    expect(message(alice, "now?").locator(".status")).to_have_attribute("data-status", "stored")
     expect(message(bob, "now?")).to_be_visible()
 
 
