@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import socket
+import time
 
 from flask import Flask
 from prometheus_client import REGISTRY
@@ -34,13 +35,42 @@ def test_every_collection_is_timed_by_generation_until_uninstalled() -> None:
         full, young = _pauses(2), _pauses(0)
         gc.collect(2)
         gc.collect(0)
+        meter.flush()
         assert _pauses(2) == full + 1
         assert _pauses(0) >= young + 1
     finally:
         meter.uninstall()
     full = _pauses(2)
     gc.collect()
+    meter.flush()
     assert _pauses(2) == full
+
+
+def test_the_collectors_callback_leaves_the_metric_to_the_flusher() -> None:
+    """A collection can start while a metric update holds prometheus-client's lock (one,
+    not reentrant, for every metric in multiprocess mode); a callback that observed the
+    histogram itself would then wait on that lock forever. It only records the pause."""
+    idle_flusher = GcPauseMeter(flush_seconds=3600)
+    idle_flusher.install()
+    try:
+        full = _pauses(2)
+        gc.collect(2)
+        assert _pauses(2) == full  # not observed inside the collector
+        idle_flusher.flush()
+        assert _pauses(2) == full + 1
+    finally:
+        idle_flusher.uninstall()
+    meter = GcPauseMeter(flush_seconds=0.05)
+    meter.install()
+    try:
+        full = _pauses(2)
+        gc.collect(2)
+        deadline = time.monotonic() + 10
+        while _pauses(2) == full and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _pauses(2) == full + 1  # the flusher thread observed it
+    finally:
+        meter.uninstall()
 
 
 def test_every_socket_is_answered_by_the_same_response_class() -> None:
