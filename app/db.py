@@ -17,7 +17,16 @@ from sqlalchemy.orm import Session, sessionmaker
 _AFTER_COMMIT = "switchboard.after_commit"
 
 
-def make_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 5.0) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    pool_timeout: float = 5.0,
+    isolation_level: str | None = None,
+) -> Engine:
+    """An engine with its own pool; `isolation_level="AUTOCOMMIT"` gives one whose
+    connections run each statement on its own, set once when each connects."""
+    options = {"isolation_level": isolation_level} if isolation_level else {}
     # No pre-ping: it costs a round trip on every checkout. After a database restart
     # the first statement on each stale connection fails, SQLAlchemy then recycles the
     # whole pool; the API answers that one request with 503 and tasks retry.
@@ -29,6 +38,7 @@ def make_engine(url: str, *, pool_size: int = 10, pool_timeout: float = 5.0) -> 
         # answers 503 with Retry-After rather than keeping the client waiting.
         pool_timeout=pool_timeout,
         pool_recycle=1800,
+        **options,
     )
 
 
@@ -47,9 +57,15 @@ class Database:
         # `info` is copied into every session: how services reach process-wide helpers
         # (the event publisher) without importing Flask.
         self.sessions = sessionmaker(self.engine, expire_on_commit=False, info=info or {})
-        # For requests that only read, or whose every write is one atomic statement:
-        # autocommit spares the BEGIN and COMMIT (or ROLLBACK) round trips.
-        self.autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # For requests that only read, or whose every write is one atomic statement
+        # (the send): autocommit spares the BEGIN and COMMIT (or ROLLBACK) round trips.
+        # A pool of its own, not `engine.execution_options(isolation_level=...)` over the
+        # same pool: that switches each connection to autocommit at checkout and back at
+        # return, 45-65 us of CPU a request under gevent against 20 here (measured with a
+        # checkout-and-SELECT loop), and the send's path checks out once per message.
+        self.autocommit_engine = make_engine(
+            url, pool_size=pool_size, pool_timeout=pool_timeout, isolation_level="AUTOCOMMIT"
+        )
         self.read_sessions = sessionmaker(
             self.autocommit_engine, expire_on_commit=False, info=info or {}
         )
@@ -60,8 +76,14 @@ class Database:
         with self.sessions() as session, session.begin():
             yield session
 
+    @property
+    def engines(self) -> tuple[Engine, Engine]:
+        """Both pools: transactions, and autocommit (for listeners and clean-up)."""
+        return (self.engine, self.autocommit_engine)
+
     def dispose(self) -> None:
-        self.engine.dispose()
+        for engine in self.engines:
+            engine.dispose()
 
 
 def after_commit(session: Session, callback: Callable[[], None]) -> None:

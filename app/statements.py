@@ -99,9 +99,9 @@ class DriverStatement:
 
 
 def is_autocommit(connection: Connection) -> bool:
-    """Whether `connection` runs each statement on its own (from the options its engine
-    was made with: asking the driver would cost a round trip)."""
-    return connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+    """Whether `connection` runs each statement on its own: psycopg's own flag, which
+    costs no round trip (SQLAlchemy's `get_isolation_level()` may ask the server)."""
+    return bool(connection.connection.driver_connection.autocommit)
 
 
 def _as_sqlalchemy_error(

@@ -66,8 +66,8 @@ def test_an_exhausted_pool_is_a_503_with_retry_after(database_url, redis_url, cl
             database_url, redis_url, SWITCHBOARD_DB_POOL_SIZE="1", SWITCHBOARD_DB_POOL_TIMEOUT="0.2"
         )
     )
-    engine = app.extensions["switchboard.db"].engine
-    held = [engine.connect(), engine.connect()]  # the pool (1) and its overflow (1)
+    # Each pool (1) and its overflow (1): transactions', and autocommit's (reads, sends).
+    held = [e.connect() for e in app.extensions["switchboard.db"].engines for _ in range(2)]
     try:
         response = app.test_client().get("/v1/me", headers={"Authorization": "Bearer x.y.z"})
         # The token is checked before the database is touched: a bad one is still a 401.
@@ -103,7 +103,7 @@ def test_a_restarted_database_costs_one_request(
     # The other apps this session built lost their connections too: spare later tests
     # the one 503 each of them would answer.
     for other in app_factory.built.values():
-        other.extensions["switchboard.db"].engine.dispose()
+        other.extensions["switchboard.db"].dispose()
 
 
 METRICS_TOKEN = "metrics-token-0123456789abcdef"

@@ -120,16 +120,21 @@ def start(client, auth, sender, other_id: str) -> str:
 
 
 def count_statements(app):
-    """The statements the app's engine runs (BEGIN is not one: psycopg sends it with the
+    """The statements the app's engines run (BEGIN is not one: psycopg sends it with the
     first statement of a transaction, and COMMIT once, whatever the batch's size)."""
     statements: list[str] = []
-    engine = app.extensions["switchboard.db"].engine
+    engines = app.extensions["switchboard.db"].engines
 
     def record(_conn, _cursor, statement, *_args):
         statements.append(statement)
 
-    event.listen(engine, "before_cursor_execute", record)
-    return statements, lambda: event.remove(engine, "before_cursor_execute", record)
+    def stop() -> None:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
+
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
+    return statements, stop
 
 
 def test_one_batch_decides_each_send_on_its_own_in_a_few_statements(app, client, auth, people):

@@ -56,7 +56,7 @@ def wire_log(app, trace_file: Path) -> Iterator[tuple[list[tuple[str, bool]], Ca
     a count of round trips from libpq's own protocol trace: every frontend Sync (extended
     protocol) or Query (simple protocol, which psycopg's BEGIN and COMMIT use) is one,
     except psycopg's one-time preparation of a statement (Parse, Sync)."""
-    engine = app.extensions["switchboard.db"].engine
+    engines = app.extensions["switchboard.db"].engines
     statements: list[tuple[str, bool]] = []
     traced = []
     trace = trace_file.open("w")
@@ -90,11 +90,13 @@ def wire_log(app, trace_file: Path) -> Iterator[tuple[list[tuple[str, bool]], Ca
                 since_sync.append(message)
         return count
 
-    event.listen(engine, "before_cursor_execute", record)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         yield statements, round_trips
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
         for dbapi_connection in traced:
             dbapi_connection.pgconn.untrace()
         trace.close()

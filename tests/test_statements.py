@@ -10,7 +10,7 @@ from sqlalchemy import bindparam, column, event, select, table, text
 from sqlalchemy.dialects.postgresql import insert
 
 from app.db import Database
-from app.statements import DriverStatement
+from app.statements import DriverStatement, is_autocommit
 
 SCRATCH = "driver_statement_scratch"
 _scratch = table(SCRATCH, column("id"), column("label"))
@@ -106,11 +106,11 @@ def test_listeners_of_cursor_execute_see_the_statement(database):
     def record(_conn, _cursor, statement, _params, _context, _executemany) -> None:
         seen.append(statement)
 
-    event.listen(database.engine, "before_cursor_execute", record)
+    event.listen(database.autocommit_engine, "before_cursor_execute", record)
     try:
         count(database)
     finally:
-        event.remove(database.engine, "before_cursor_execute", record)
+        event.remove(database.autocommit_engine, "before_cursor_execute", record)
     assert seen == [COUNT.sql]
 
 
@@ -120,3 +120,14 @@ def test_a_parameter_needing_sqlalchemy_is_refused_when_built():
             select(_scratch.c.id).where(_scratch.c.id.in_(bindparam("ids", expanding=True))),
             label="expanding",
         )
+
+
+def test_autocommit_has_a_pool_of_its_own_whose_connections_stay_autocommit(database):
+    # One pool switched per checkout costs 45-65 us a request (app/db.py); the send's
+    # accept_plain_send refuses a connection that is not autocommit.
+    assert database.autocommit_engine.pool is not database.engine.pool
+    for _ in range(2):  # a connection returned to the pool comes back as it was
+        with database.autocommit_engine.connect() as connection:
+            assert is_autocommit(connection)
+        with database.engine.connect() as connection:
+            assert not is_autocommit(connection)
