@@ -154,7 +154,7 @@ def test_a_statement_psycopg_prepares_still_costs_one_round_trip_a_repeat(
     headers = auth(alice)
     # Fresh connections, so that the threshold is crossed in this test whatever earlier
     # tests ran on the pooled ones (a statement prepared already shows no Parse at all).
-    app.extensions["switchboard.db"].engine.dispose()
+    app.extensions["switchboard.db"].dispose()
     assert post_send(client, headers, conversation_id).status_code == 202
     prepared = 0
     for repeat in range(20):  # the threshold is crossed even if spread over 3 connections
