@@ -49,22 +49,6 @@ def check_configuration() -> None:
 
 check_configuration()
 
-
-def check_http_parser() -> None:
-    """Say so when gunicorn will parse HTTP in Python: gunicorn_h1c is a dependency, but a
-    platform without a wheel or a compiler for it falls back, at ~10 % more CPU a request."""
-    try:
-        import gunicorn_h1c  # noqa: F401
-    except ImportError:
-        print(
-            "switchboard: gunicorn_h1c is not installed; gunicorn parses HTTP in Python"
-            " (about 10 % more CPU per request)",
-            file=sys.stderr,
-        )
-
-
-check_http_parser()
-
 # gevent records for every greenlet who spawned it and the spawner's stack (ten frames),
 # kept until the greenlet is freed: about 1 KiB on each open socket's greenlet, for
 # debugging aids nothing here reads. Before any greenlet exists; the environment wins.
