@@ -73,14 +73,18 @@ def test_an_exhausted_pool_is_a_503_with_retry_after(database_url, redis_url, cl
         # The token is checked before the database is touched: a bad one is still a 401.
         assert response.status_code == 401
         token = mint_token(app.extensions["switchboard.settings"], "nobody", "t1")
-        response = app.test_client().get("/v1/me", headers={"Authorization": f"Bearer {token}"})
+        headers = {"Authorization": f"Bearer {token}"}
+        # A GET reads on the autocommit pool, a write looks the user up in a transaction.
+        read = app.test_client().get("/v1/me", headers=headers)
+        write = app.test_client().post("/v1/conversations", json={}, headers=headers)
     finally:
         for connection in held:
             connection.close()
         app.extensions["switchboard.db"].dispose()
-    assert response.status_code == 503
-    assert response.json["error"]["code"] == "overloaded"
-    assert response.headers["Retry-After"] == "1"
+    for response in (read, write):
+        assert response.status_code == 503
+        assert response.json["error"]["code"] == "overloaded"
+        assert response.headers["Retry-After"] == "1"
 
 
 def test_a_restarted_database_costs_one_request(
