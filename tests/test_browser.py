@@ -350,8 +350,15 @@ def test_history_pages_on_scroll_and_a_block_rejects_with_its_reason(
 
     # bob blocks alice: her send is refused at once with the rule that says no.
     alice = open_demo("alice", ["bob"])
-    bob.page.get_by_role("button", name="Block Alice").click()
-    expect(bob.page.get_by_role("button", name="Unblock Alice")).to_be_visible()
+    # exact=True: a role's name matches as a case-insensitive substring by default, and
+    # "Block Alice" is in "Unblock Alice". Without it the wait for the unblock below passed
+    # at once, and alice's "now?" raced bob's DELETE and was refused as blocked (CI, twice).
+    block, unblock = (
+        bob.page.get_by_role("button", name=name, exact=True)
+        for name in ("Block Alice", "Unblock Alice")
+    )
+    block.click()
+    expect(unblock).to_be_visible()
     open_thread(alice, "Bob", showing="history 45")
     alice.page.get_by_label("Message", exact=True).fill("are you there?")
     alice.page.get_by_label("Message", exact=True).press("Enter")
@@ -359,8 +366,8 @@ def test_history_pages_on_scroll_and_a_block_rejects_with_its_reason(
     expect(status_line).to_have_attribute("data-status", "rejected")
     expect(status_line).to_contain_text("blocked")
     alice.shot("06-send-rejected")
-    bob.page.get_by_role("button", name="Unblock Alice").click()
-    expect(bob.page.get_by_role("button", name="Block Alice")).to_be_visible()
+    unblock.click()
+    expect(block).to_be_visible()
     alice.page.get_by_label("Message", exact=True).fill("now?")
     alice.page.get_by_label("Message", exact=True).press("Enter")
     # Stored first (the sender's side), then on bob's socket: a failure says which.
