@@ -28,8 +28,9 @@ def make_engine(
     connections run each statement on its own, set once when each connects."""
     options = {"isolation_level": isolation_level} if isolation_level else {}
     # No pre-ping: it costs a round trip on every checkout. After a database restart
-    # the first statement on each stale connection fails, SQLAlchemy then recycles the
-    # whole pool; the API answers that one request with 503 and tasks retry.
+    # the first statement on a stale connection fails and SQLAlchemy recycles that
+    # engine's whole pool; the API answers that request with 503 and tasks retry. A
+    # `Database` has two pools, so that is one request for each (a read, a write).
     return create_engine(
         url,
         pool_size=pool_size,

@@ -353,10 +353,8 @@ def test_history_pages_on_scroll_and_a_block_rejects_with_its_reason(
     # exact=True: a role's name matches as a case-insensitive substring by default, and
     # "Block Alice" is in "Unblock Alice". Without it the wait for the unblock below passed
     # at once, and alice's "now?" raced bob's DELETE and was refused as blocked (CI, twice).
-    block, unblock = (
-        bob.page.get_by_role("button", name=name, exact=True)
-        for name in ("Block Alice", "Unblock Alice")
-    )
+    block = bob.page.get_by_role("button", name="Block Alice", exact=True)
+    unblock = bob.page.get_by_role("button", name="Unblock Alice", exact=True)
     block.click()
     expect(unblock).to_be_visible()
     open_thread(alice, "Bob", showing="history 45")
