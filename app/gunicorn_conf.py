@@ -117,15 +117,17 @@ def post_worker_init(worker: Worker) -> None:
     web process holding 5,000 sockets walks the start-up heap too, and one full collection
     during a fan-out stalled every socket for about a second. A larger first threshold
     means fewer young collections while a fan-out allocates its frames (each one short-
-    lived); the older generations keep their defaults."""
+    lived); the older generations keep their defaults, except that no full collection
+    starts during a broadcast's fan-out (`FullCollectionHold`)."""
     import gc
 
-    from app.gc_pauses import GcPauseMeter
+    from app.gc_pauses import FULL_COLLECTION_HOLD, GcPauseMeter
 
     global _GC_PAUSES
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
+    FULL_COLLECTION_HOLD.install()
     _GC_PAUSES = GcPauseMeter()
     _GC_PAUSES.install()
 
@@ -143,11 +145,14 @@ def worker_exit(server: Arbiter, worker: Worker) -> None:
     a traceback on every shutdown. Collected here, they go while everything still works."""
     import gc
 
+    from app.gc_pauses import FULL_COLLECTION_HOLD
+
     extensions = getattr(getattr(worker, "wsgi", None), "extensions", None) or {}
     readers = extensions.get("switchboard.stream_readers")
     if readers is not None:
         readers.close_all(timeout=2.0)
     if _GC_PAUSES is not None:
         _GC_PAUSES.uninstall()
+    FULL_COLLECTION_HOLD.uninstall()
     gc.unfreeze()
     gc.collect()

@@ -114,6 +114,11 @@ GC_PAUSE = Histogram(
     ["generation"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+GC_HOLD_OVERRUNS = Counter(
+    "switchboard_gc_hold_overruns_total",
+    "Times a web process's fan-outs ran on so long without a quiet moment that a full"
+    " collection was let through during one (see app/gc_pauses.py).",
+)
 
 SENDS_REDISPATCHED = Counter(
     "switchboard_sends_redispatched_total",

@@ -281,3 +281,55 @@ def test_the_hub_yields_after_every_slice_of_sockets_offered(redis_url, monkeypa
     assert yields[-1] == (0, 300)
     for socket_ in sockets:
         hub.unregister(socket_)  # type: ignore[arg-type]
+
+
+def test_a_broadcast_chunk_with_local_recipients_marks_a_fan_out(redis_url):
+    """The hub tells the collector's hold (app/gc_pauses.py) when it hands a broadcast
+    chunk to local sockets, and only then: not for a chunk with none of its recipients
+    here, nor for a direct event."""
+    fan_outs: list[int] = []
+    hub = Hub(
+        redis_url,
+        channel=f"test-fan-out-{uuid.uuid4().hex}",
+        on_fan_out=lambda: fan_outs.append(1),
+    )
+    here = _Offered("user-here")
+    hub.register(here)  # type: ignore[arg-type]
+    try:
+        elsewhere = {"type": "broadcast.created", "data": {}, "recipients": [["user-away", 3]]}
+        assert hub.dispatch_batch(elsewhere) == 0
+        hub.dispatch({"user_id": "user-here", "id": 4, "type": "message.created"})
+        assert fan_outs == []
+        chunk = {
+            "type": "broadcast.created",
+            "data": {},
+            "recipients": [["user-away", 5], ["user-here", 5]],
+        }
+        assert hub.dispatch_batch(chunk) == 1
+        assert fan_outs == [1]
+        assert len(here.items) == 2
+    finally:
+        hub.unregister(here)  # type: ignore[arg-type]
+
+
+def test_the_web_process_hub_holds_full_collections_while_it_fans_out(redis_url):
+    """By default the hub's fan-outs go to the process's `FULL_COLLECTION_HOLD`, which
+    gunicorn's post_worker_init installs."""
+    import gc
+
+    from app.gc_pauses import FULL_COLLECTION_HOLD
+
+    saved = gc.get_threshold()
+    hub = Hub(redis_url, channel=f"test-fan-out-{uuid.uuid4().hex}")
+    here = _Offered("user-here")
+    hub.register(here)  # type: ignore[arg-type]
+    FULL_COLLECTION_HOLD.install()
+    try:
+        chunk = {"type": "broadcast.created", "data": {}, "recipients": [["user-here", 1]]}
+        assert hub.dispatch_batch(chunk) == 1
+        assert FULL_COLLECTION_HOLD.holding
+    finally:
+        FULL_COLLECTION_HOLD.uninstall()
+        hub.unregister(here)  # type: ignore[arg-type]
+    assert not FULL_COLLECTION_HOLD.holding
+    assert gc.get_threshold() == saved

@@ -62,13 +62,14 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import redis
 from redis.connection import parse_url
 
 from app.events import events_channel, user_channel
+from app.gc_pauses import FULL_COLLECTION_HOLD
 from app.stream.connection import CATCH_UP, StreamConnection
 from monitoring.metrics import HUB_SUBSCRIPTIONS, SOCKETS_OPEN
 
@@ -84,8 +85,17 @@ FAIRNESS_SLICE = 100
 
 
 class Hub:
-    def __init__(self, redis_url: str, channel: str | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        channel: str | None = None,
+        *,
+        on_fan_out: Callable[[], None] = FULL_COLLECTION_HOLD.during_fan_out,
+    ) -> None:
+        """`on_fan_out` is called as each broadcast chunk is handed to local sockets: by
+        default it keeps the collector's full collections out of the fan-out."""
         self._redis_url = redis_url
+        self._on_fan_out = on_fan_out
         if channel is None:
             # The publishers' default: the shared channel of this Redis database.
             channel = events_channel(int(parse_url(redis_url).get("db", 0)))
@@ -251,6 +261,7 @@ class Hub:
         if not local:
             self.unwanted_announcements += 1
             return 0
+        self._on_fan_out()
         encoded = json.dumps(data, separators=(",", ":"), default=str)
         offered = 0
         for user_id, seq, sockets in local:
