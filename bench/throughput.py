@@ -11,6 +11,11 @@ with delivery p99 (send issued -> recipient's frame) < 100 ms, every 202 deliver
 once, no failed send and the sender on schedule. Per step: delivery figures and CPU ms per
 message of each process (its /proc counters, over the step and its drain). It stops what
 it started and drops its database on exit.
+
+    .venv/bin/python bench/throughput.py --broker-url amqp://guest:guest@127.0.0.1:5672//
+
+runs Celery on RabbitMQ instead (Redis still carries pub/sub): the app's queues on that
+vhost are purged first, and RabbitMQ's own CPU (its beam.smp) is counted as `mq`.
 """
 
 from __future__ import annotations
@@ -29,18 +34,21 @@ from common import percentile, raise_nofile, run_cleanly, verdict
 from database import PAIRS_TENANT, provision_pairs, psycopg_url, user_id
 from message_sender import plan_sends, send_steady, tally_sends
 from metrics import collector_summary, scrape
-from proc_stats import CpuMeter, wait_quiet
+from proc_stats import CpuMeter, pid_of, wait_quiet
 from procs import BenchRun, wait_healthy
 from stream_clients import Clients, parse_records
+
+from workers.broker import is_amqp
 
 SERVICE_TOKEN = "stream-bench-service-token-0123456789"
 JWT_SECRET = "stream-bench-jwt-secret-0123456789abcdefghijklmnop"
 
 # Issue 10's bars; a step passes with a delivery p99 under p99_200_ms.
 BARS = {"cpu_ms": 5.0, "sustained": 400.0, "p99_200_ms": 100.0, "p99_20_ms": 15.0}
-CPU_COLUMNS = [("web worker", "web"), ("celery worker", "worker"), ("postgres", "pg")]
-CPU_COLUMNS += [("redis-server", "redis")]  # (CpuMeter's name, column): the server side
-SERVER = [name for name, _ in CPU_COLUMNS]
+# (CpuMeter's name, column) of the server's processes; RabbitMQ's when it is the broker.
+REDIS_COLUMNS = [("web worker", "web"), ("celery worker", "worker"), ("postgres", "pg")]
+REDIS_COLUMNS += [("redis-server", "redis")]
+AMQP_COLUMNS = [*REDIS_COLUMNS, ("rabbitmq", "mq")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--pg-url", default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1/test"))
     add("--db-name", default="switchboard_throughput_bench")
     add("--redis-url", default="redis://127.0.0.1:6379/7", help="its own: flushed at start")
+    add("--broker-url", default=None, help="Celery's broker: amqp://... for RabbitMQ (Redis)")
     add("--keep-db", action="store_true")
     add("--wait-quiet", type=float, default=60.0, help="wait for a quiet machine (seconds)")
     args = parser.parse_args(argv)
@@ -75,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("rates and --duration must be positive")
     if args.users < 2 or args.users % 2 or args.web_concurrency < 1:
         parser.error("--users: an even number, at least 2; --web-concurrency: at least 1")
+    if args.broker_url is not None and not is_amqp(args.broker_url):
+        parser.error("--broker-url: an amqp:// URL (without it Celery runs on --redis-url)")
+    args.cpu_columns = AMQP_COLUMNS if args.broker_url else REDIS_COLUMNS
     return args
 
 
@@ -162,7 +174,7 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
         "duplicated": tally["duplicates"],
         "errors": count - accepted,
         "cpu": per_message,
-        "server": sum(per_message.get(n, 0.0) for n in SERVER),
+        "server": sum(per_message.get(n, 0.0) for n, _ in args.cpu_columns),
         "busy": cpu["busy"] / cpu["wall"] / (os.cpu_count() or 1),
         "notes": [],
     }
@@ -206,18 +218,19 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
     return row
 
 
-COLUMNS = ["web", "worker", "pg", "redis", "server", "gen", "client"]
-HEADER = (
-    f"{'step':>6} {'offered':>7} {'achieved':>8} {'202s':>6} {'p50 ms':>7} {'p99 ms':>7} "
-    f"{'max ms':>7} {'lost':>4} {'dup':>3} {'err':>4} |"
-    + "".join(f"{c:>7}" for c in COLUMNS)
-    + f" | {'busy':>4}  verdict"
-)
+def header(cpu_columns: list[tuple[str, str]]) -> str:
+    columns = [column for _, column in cpu_columns] + ["server", "gen", "client"]
+    return (
+        f"{'step':>6} {'offered':>7} {'achieved':>8} {'202s':>6} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'max ms':>7} {'lost':>4} {'dup':>3} {'err':>4} |"
+        + "".join(f"{c:>7}" for c in columns)
+        + f" | {'busy':>4}  verdict"
+    )
 
 
-def print_row(row: dict[str, Any]) -> None:
+def print_row(row: dict[str, Any], cpu_columns: list[tuple[str, str]]) -> None:
     cpu = row["cpu"] | {"server": row["server"]}
-    names = [*SERVER, "server", "bench+sender", "clients"]
+    names = [*(name for name, _ in cpu_columns), "server", "bench+sender", "clients"]
     print(
         f"{row['name']:>6} {row['rate']:7g} {row['achieved']:8.1f} {row['accepted']:6d} "
         f"{row['p50'] * 1000:7.1f} {row['p99'] * 1000:7.1f} {row['max'] * 1000:7.0f} "
@@ -230,7 +243,12 @@ def print_row(row: dict[str, Any]) -> None:
         print(f"{'':8}!! {note}")
 
 
-def summary(rows: list[dict[str, Any]], fixed: dict[float, dict], searched: list[dict]) -> bool:
+def summary(
+    rows: list[dict[str, Any]],
+    fixed: dict[float, dict],
+    searched: list[dict],
+    cpu_columns: list[tuple[str, str]],
+) -> bool:
     failed = [r for r in searched if not r["ok"]]
     first_fail = min((r["rate"] for r in failed), default=float("inf"))
     sustained = max((r["rate"] for r in rows if r["ok"] and r["rate"] < first_fail), default=0)
@@ -238,7 +256,7 @@ def summary(rows: list[dict[str, Any]], fixed: dict[float, dict], searched: list
     basis = at_200 if at_200 and at_200["accepted"] and not at_200["lost"] else None
     basis = basis or max((r for r in rows if r["ok"]), key=lambda r: r["rate"], default=None)
     cpu = basis["server"] if basis else float("nan")
-    parts = ", ".join(f"{c} {basis['cpu'].get(n, 0):.2f}" for n, c in CPU_COLUMNS) if basis else ""
+    parts = ", ".join(f"{c} {basis['cpu'].get(n, 0):.2f}" for n, c in cpu_columns) if basis else ""
     p99 = {rate: fixed[rate]["p99"] * 1000 if rate in fixed else float("nan") for rate in (20, 200)}
     lost, duplicated = sum(r["lost"] for r in rows), sum(r["duplicated"] for r in rows)
     bounded = " (none failed: a lower bound)" if not failed else ""
@@ -276,11 +294,15 @@ def run(args: argparse.Namespace) -> int:
     raise_nofile()
     with BenchRun("throughput-", args.pg_url, args.db_name, args.redis_url, args.keep_db) as bench:
         port, work = bench.port, bench.work
+        broker = {"SWITCHBOARD_BROKER_URL": args.broker_url} if args.broker_url else {}
         database_url, env = bench.environment(
             SWITCHBOARD_SERVICE_TOKEN=SERVICE_TOKEN,
             SWITCHBOARD_JWT_SECRET=JWT_SECRET,
             SWITCHBOARD_POLICY="bookstore",
+            **broker,
         )
+        if args.broker_url:
+            purge_queues(args.broker_url)
         settings = load_settings(env)
         conversations = provision_pairs(database_url, args.users)
         tokens = [mint_token(settings, user_id(i), PAIRS_TENANT) for i in range(args.users)]
@@ -300,10 +322,13 @@ def run(args: argparse.Namespace) -> int:
             f"{args.worker_concurrency}); {args.sender_threads} sender threads, "
             f"{args.client_procs} client process(es); logs in {work}"
         )
-        meter = CpuMeter(
-            {"web worker": web_pids, "celery worker": [worker.pid], "clients": clients.pids()},
-            args.db_name,
-        )
+        pids = {"web worker": web_pids, "celery worker": [worker.pid], "clients": clients.pids()}
+        if args.broker_url:
+            beam = pid_of("beam.smp")
+            if beam is None:
+                raise RuntimeError("--broker-url: no RabbitMQ (beam.smp) runs on this machine")
+            pids["rabbitmq"] = [beam]
+        meter = CpuMeter(pids, args.db_name)
         ctx = {"args": args, "clients": clients, "port": port, "meter": meter, "tokens": tokens}
         ctx["database_url"] = database_url
         ctx |= {"conversations": conversations, "pairs": list(range(len(conversations)))}
@@ -315,19 +340,19 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(3.0)
         idle = meter.measure()
         per_second = [
-            f"{c} {idle['used'].get(n, 0) * 1e3 / idle['wall']:.1f}" for n, c in CPU_COLUMNS
+            f"{c} {idle['used'].get(n, 0) * 1e3 / idle['wall']:.1f}" for n, c in args.cpu_columns
         ]
         print(f"idle CPU, ms/s (counted in the steps too): {', '.join(per_second)}")
         print(
             f"\nsteps of {args.duration:g}s; latency: send issued -> recipient's frame; CPU: ms"
-            " per accepted message (server = web+worker+pg+redis; gen = this process, the"
-            f" sender); busy: the machine, all cores\n{HEADER}"
+            f" per accepted message (server = {'+'.join(c for _, c in args.cpu_columns)}; gen ="
+            f" this process, the sender); busy: the machine, all cores\n" + header(args.cpu_columns)
         )
         rows: list[dict[str, Any]] = []
 
         def measure(rate: float, name: str) -> dict[str, Any]:
             rows.append(step(ctx, rate, max(1, round(rate * args.duration)), name))
-            print_row(rows[-1])
+            print_row(rows[-1], args.cpu_columns)
             return rows[-1]
 
         fixed = {rate: measure(rate, f"{rate:g}") for rate in args.fixed_rates}
@@ -341,7 +366,25 @@ def run(args: argparse.Namespace) -> int:
             if not row["ok"]:
                 break
         bench.report_dead()
-        return 0 if summary(rows, fixed, searched) else 1
+        return 0 if summary(rows, fixed, searched, args.cpu_columns) else 1
+
+
+def purge_queues(broker_url: str) -> None:
+    """Empty the app's queues on the RabbitMQ vhost of `broker_url` (what --redis-url's
+    flush does for Redis): a task left by an earlier run would be counted in this one."""
+    import kombu
+
+    from workers.celery_app import QUEUES
+
+    with kombu.Connection(broker_url, connect_timeout=5) as connection:
+        for name in QUEUES:
+            channel = connection.channel()
+            try:
+                channel.queue_purge(name)
+            except connection.channel_errors:
+                pass  # not declared yet: nothing in it (and the error closed the channel)
+            else:
+                channel.close()
 
 
 def main(argv: list[str] | None = None) -> int:
