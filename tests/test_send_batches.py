@@ -7,8 +7,10 @@ import time
 import uuid
 from collections import Counter
 
+import psycopg
 import pytest
 from sqlalchemy import event, select
+from sqlalchemy.engine import make_url
 
 from app.models import Block, Conversation, Message, Participant
 from app.services.messages import store_messages
@@ -137,6 +139,79 @@ def count_statements(app):
     return statements, stop
 
 
+def _lockable(database_url: str, conversation_ids: list[str]) -> bool:
+    """Whether another connection could lock these conversations right now (NOWAIT)."""
+    libpq_url = make_url(database_url).set(drivername="postgresql")
+    with psycopg.connect(libpq_url.render_as_string(hide_password=False), autocommit=True) as other:
+        try:
+            other.execute(
+                "SELECT id FROM conversations WHERE id = ANY(%s) FOR UPDATE NOWAIT",
+                [[uuid.UUID(c) for c in conversation_ids]],
+            )
+        except psycopg.errors.LockNotAvailable:
+            return False
+    return True
+
+
+def test_the_first_read_of_a_plain_batch_locks_its_conversations(
+    app, client, auth, people, database_url
+):
+    """One round trip reads the batch and locks its conversations (in id order) when no
+    send in it has attachments."""
+    alice = people["alice"]
+    conversations = [start(client, auth, alice, other) for other in ("bob", "carol")]
+    batch = [
+        queue_send(app, "alice", c, "hello", f"plain-{n}") for n, c in enumerate(conversations)
+    ]
+    engine = app.extensions["switchboard.db"].engine
+    lockable_before: list[bool] = []  # before each of the store's first two statements
+
+    def check(_conn, _cursor, _statement, *_args):
+        if len(lockable_before) < 2:
+            lockable_before.append(_lockable(database_url, conversations))
+
+    event.listen(engine, "before_cursor_execute", check)
+    try:
+        with app.extensions["switchboard.db"].transaction() as session:
+            results = store_messages(session, app.extensions["switchboard.policy"], batch)
+    finally:
+        event.remove(engine, "before_cursor_execute", check)
+    assert [result.outcome for result in results] == ["stored", "stored"]
+    assert lockable_before == [True, False]  # the first statement took the locks
+
+
+def test_a_batch_with_attachments_takes_no_lock_until_their_bytes_are_checked(
+    app, client, auth, people, database_url
+):
+    """Checking an upload's bytes (download, decode) takes a while: no conversation of the
+    batch is locked meanwhile, the plain sends' included; the locks follow."""
+    alice = people["alice"]
+    with_bob = start(client, auth, alice, "bob")
+    with_carol = start(client, auth, alice, "carol")
+    plain = queue_send(app, "alice", with_bob, "plain", "p-1")
+    photo = queue_send(app, "alice", with_carol, "a photo", "a-1")
+    with app.extensions["switchboard.db"].transaction() as session:
+        # As if it carried an upload (it has none: the check below finds nothing wrong).
+        session.get_one(Message, uuid.UUID(photo)).attachment_count = 1
+    lockable_while_checking: list[bool] = []
+
+    def check_attachments(message_id: uuid.UUID) -> None:
+        assert str(message_id) == photo
+        lockable_while_checking.append(_lockable(database_url, [with_bob, with_carol]))
+
+    with app.extensions["switchboard.db"].transaction() as session:
+        results = store_messages(
+            session,
+            app.extensions["switchboard.policy"],
+            [plain, photo],
+            check_attachments=check_attachments,
+        )
+        assert not _lockable(database_url, [with_bob, with_carol])  # then locked
+    assert lockable_while_checking == [True]
+    assert [result.message_id for result in results] == [uuid.UUID(plain), uuid.UUID(photo)]
+    assert results[0].outcome == "stored"
+
+
 def test_one_batch_decides_each_send_on_its_own_in_a_few_statements(app, client, auth, people):
     alice, carol = people["alice"], people["carol"]
     with_bob = start(client, auth, alice, "bob")
@@ -168,9 +243,9 @@ def test_one_batch_decides_each_send_on_its_own_in_a_few_statements(app, client,
     assert [str(result.message_id) for result in results] == list(dict.fromkeys(batch))
     assert Counter(outcomes.values()) == {"stored": 14, "rejected": 1, "duplicate": 1, "missing": 1}
     assert outcomes[to_carol] == "rejected" and outcomes[missing] == "missing"
-    # The old store ran 13 statements per send. A batch runs five for all of them (read,
-    # lock, claim, store, events), plus one per rejected send.
-    assert len(statements) == 6, statements
+    # The old store ran 13 statements per send. A batch without attachments runs four
+    # for all of them (read and lock, claim, store, events), plus one per rejected send.
+    assert len(statements) == 5, statements
 
     with db.sessions() as session:
         unread = dict(

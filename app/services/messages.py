@@ -104,11 +104,27 @@ NOT_A_MEMBER = Decision(False, "conversation_not_found", "You are not in this co
 # The batch store's statements, built once; values are bound at execution. Arrays are
 # passed whole (`= ANY`, `unnest`), so a batch of any size is the same few round trips.
 #
-# Which of the sends still wait, and in which conversations: read without a lock.
-_QUEUED_SENDS = text(
+# Which of the sends still wait, and in which conversations (read without a lock); and,
+# in the same round trip, those conversations locked in id order, as _LOCK_CONVERSATIONS
+# does, unless a send still waiting has attachments. Their bytes are checked before any
+# lock is taken (it takes a while), and the lock follows, by _LOCK_CONVERSATIONS. A
+# conversation locked here comes back with every send of the batch in it
+# (`locked_id` set); MATERIALIZED keeps the locking query whole, run once.
+_QUEUED_SENDS_LOCKING = text(
     """
-    SELECT id, conversation_id, status, attachment_count FROM messages
-    WHERE id = ANY(CAST(:ids AS uuid[]))
+    WITH batch AS (
+        SELECT id, conversation_id, status, attachment_count FROM messages
+        WHERE id = ANY(CAST(:ids AS uuid[]))
+    ), locked AS MATERIALIZED (
+        SELECT id, last_message_id, last_activity_at FROM conversations
+        WHERE id IN (SELECT conversation_id FROM batch WHERE status = 'queued')
+          AND NOT EXISTS (
+              SELECT 1 FROM batch WHERE status = 'queued' AND attachment_count > 0)
+        ORDER BY id FOR UPDATE
+    )
+    SELECT b.id, b.conversation_id, b.status, b.attachment_count,
+           l.id AS locked_id, l.last_message_id, l.last_activity_at
+    FROM batch AS b LEFT JOIN locked AS l ON l.id = b.conversation_id
     """
 )
 # The conversations, locked in id order (every path locks a conversation before its
@@ -189,9 +205,10 @@ _MARK_REJECTED = text(
 )
 
 
-# Run by the driver (app/statements.py): a batch is five statements, each at half the
-# client CPU of SQLAlchemy's execution.
-_QUEUED_SENDS_ON_DRIVER = DriverStatement(_QUEUED_SENDS, label="queued sends")
+# Run by the driver (app/statements.py), each at half the client CPU of SQLAlchemy's
+# execution. A batch without attachments is four statements: read and lock, claim,
+# store, and the events' append (app/services/event_log.py); one more with attachments.
+_QUEUED_SENDS_ON_DRIVER = DriverStatement(_QUEUED_SENDS_LOCKING, label="queued sends")
 _LOCK_CONVERSATIONS_ON_DRIVER = DriverStatement(_LOCK_CONVERSATIONS, label="lock conversations")
 _CLAIM_SENDS_ON_DRIVER = DriverStatement(_CLAIM_SENDS, label="claim sends")
 _STORE_ON_DRIVER = DriverStatement(_STORE, label="store sends")
@@ -234,7 +251,7 @@ def store_messages(
     check_attachments: Callable[[uuid.UUID], object] | None = None,
 ) -> list[StoreResult]:
     """Decide a batch of accepted sends and store (or reject) each, exactly once however
-    often it is run, in the caller's one transaction and about ten round trips whatever
+    often it is run, in the caller's one transaction and a few round trips whatever
     the batch's size. Returns one result per distinct id, in the order given.
 
     Each send is decided on its own, as if stored alone: lock the conversations (in id
@@ -248,16 +265,20 @@ def store_messages(
     ids = list(dict.fromkeys(uuid.UUID(str(message_id)) for message_id in message_ids))
     found: set[uuid.UUID] = set()
     waiting: dict[uuid.UUID, uuid.UUID] = {}  # message id -> conversation id
+    locked: dict[uuid.UUID, Any] = {}  # conversation id -> its row, if already locked
     for row in _QUEUED_SENDS_ON_DRIVER.rows(session.connection(), {"ids": ids}):
         found.add(row.id)
+        if row.locked_id is not None:
+            locked[row.locked_id] = row
         if row.status != "queued":
             continue
         waiting[row.id] = row.conversation_id
         if row.attachment_count and check_attachments is not None:
             # Downloading and decoding images takes a while: done before any lock is
-            # taken, so other sends in the conversation do not wait for it.
+            # taken (the statement took none), so other sends in the conversation do not
+            # wait for it.
             check_attachments(row.id)
-    decided = _decide_and_store(session, policy, waiting) if waiting else {}
+    decided = _decide_and_store(session, policy, waiting, locked) if waiting else {}
     results = [
         # Not decided here: decided before (or by another worker while this one waited
         # for the locks), or not found (its conversation was deleted with it).
@@ -272,17 +293,23 @@ def store_messages(
 
 
 def _decide_and_store(
-    session: Session, policy: Policy, waiting: dict[uuid.UUID, uuid.UUID]
+    session: Session,
+    policy: Policy,
+    waiting: dict[uuid.UUID, uuid.UUID],
+    locked: dict[uuid.UUID, Any],
 ) -> dict[uuid.UUID, str]:
     """The locked part of `store_messages`: outcomes of the sends it claimed (a send
-    another worker decided while this one waited for the locks is left out)."""
+    another worker decided while this one waited for the locks is left out). `locked`:
+    the conversations the first read locked already (all of them, or none)."""
     conversation_ids = sorted(set(waiting.values()))
-    conversations = {
-        row.id: row
-        for row in _LOCK_CONVERSATIONS_ON_DRIVER.rows(
-            session.connection(), {"ids": conversation_ids}
-        )
-    }
+    conversations = locked
+    if not conversations:
+        conversations = {
+            row.id: row
+            for row in _LOCK_CONVERSATIONS_ON_DRIVER.rows(
+                session.connection(), {"ids": conversation_ids}
+            )
+        }
     claimed = _CLAIM_SENDS_ON_DRIVER.rows(session.connection(), {"ids": list(waiting)})
     if not claimed:
         return {}
