@@ -7,6 +7,7 @@ import time
 import uuid
 from collections import Counter
 
+import kombu.messaging
 import psycopg
 import pytest
 from sqlalchemy import event, select
@@ -16,6 +17,7 @@ from app.models import Block, Conversation, Message, Participant
 from app.services.messages import store_messages
 from tests.helpers import events_of, queue_send, run_threads, wait_for
 from workers import tasks
+from workers.broker import is_amqp
 from workers.send_batches import SendBatcher, holds_window
 
 
@@ -334,7 +336,9 @@ def test_committed_sends_reach_the_workers_in_batches(app, client, auth, people,
         original(ids)
 
     # 1 s: busy from the second send on (holds_window), however the burst is spread.
-    batcher = tasks.configure_send_batches(window_ms=1000, max_batch=100)
+    settings = app.extensions["switchboard.settings"]
+    on_amqp = is_amqp(settings.celery_broker_url)
+    batcher = tasks.configure_send_batches(window_ms=1000, max_batch=100, declare_queue=on_amqp)
     batcher._publish = recording  # the real publish, counted
     try:
 
@@ -351,8 +355,52 @@ def test_committed_sends_reach_the_workers_in_batches(app, client, auth, people,
             lambda: len([e for e in events_of(app, "bob") if e.type == "message.created"]) == 20
         )
     finally:
-        settings = app.extensions["switchboard.settings"]
         tasks.configure_send_batches(
-            window_ms=settings.send_batch_window_ms, max_batch=settings.send_batch_max
+            window_ms=settings.send_batch_window_ms,
+            max_batch=settings.send_batch_max,
+            declare_queue=on_amqp,
         )
     assert sum(observed) == 20 and len(observed) < 20 and max(observed) > 1, observed
+
+
+def test_on_redis_a_batch_is_published_without_declaring_its_queue(
+    app, client, auth, people, celery_worker, monkeypatch
+):
+    """Celery publishes a direct queue's task to the anonymous exchange, an LPUSH to the
+    queue's list on Redis; declaring the queue on every publish only cost CPU. The send
+    still reaches the worker. (RabbitMQ keeps the declaration: a message for a queue not
+    declared yet would be dropped.)"""
+    if is_amqp(app.extensions["switchboard.settings"].celery_broker_url):
+        pytest.skip("on RabbitMQ every publish declares its queue")
+    declared: list[object] = []
+    declare = kombu.messaging.maybe_declare
+
+    def recording(entity, *args, **kwargs):
+        declared.append(entity)
+        return declare(entity, *args, **kwargs)
+
+    monkeypatch.setattr(kombu.messaging, "maybe_declare", recording)
+    conversation_id = start(client, auth, people["alice"], "bob")
+    response = client.post(
+        f"/v1/conversations/{conversation_id}/messages",
+        json={"body": "no declare", "client_id": "no-declare-1"},
+        headers=auth(people["alice"]),
+    )
+    assert response.status_code == 202, response.json
+    wait_for(lambda: any(e.type == "message.created" for e in events_of(app, "bob")))
+    assert declared == []
+
+
+def test_the_batch_publish_declares_its_queue_only_on_rabbitmq(app):
+    settings = app.extensions["switchboard.settings"]
+    try:
+        tasks.configure_send_batches(window_ms=30, max_batch=100, declare_queue=True)
+        assert tasks._batch_publish_options == {}
+        tasks.configure_send_batches(window_ms=30, max_batch=100, declare_queue=False)
+        assert tasks._batch_publish_options == {"declare": []}
+    finally:
+        tasks.configure_send_batches(
+            window_ms=settings.send_batch_window_ms,
+            max_batch=settings.send_batch_max,
+            declare_queue=is_amqp(settings.celery_broker_url),
+        )

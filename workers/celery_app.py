@@ -29,6 +29,7 @@ from monitoring.logging import request_id_var
 from monitoring.metrics import TASK_LATENCY, TASKS
 from workers.broker import (
     broker_options,
+    is_amqp,
     patch_kombu_redis_client_reuse,
     patch_kombu_redis_restore,
 )
@@ -222,7 +223,9 @@ def init_celery(flask_app: Flask, settings: Settings) -> Celery:
     import workers.tasks
 
     workers.tasks.configure_send_batches(
-        window_ms=settings.send_batch_window_ms, max_batch=settings.send_batch_max
+        window_ms=settings.send_batch_window_ms,
+        max_batch=settings.send_batch_max,
+        declare_queue=is_amqp(settings.celery_broker_url),
     )
     return celery
 
