@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, ExceptionContext, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 _AFTER_COMMIT = "switchboard.after_commit"
@@ -29,8 +29,8 @@ def make_engine(
     options = {"isolation_level": isolation_level} if isolation_level else {}
     # No pre-ping: it costs a round trip on every checkout. After a database restart
     # the first statement on a stale connection fails and SQLAlchemy recycles that
-    # engine's whole pool; the API answers that request with 503 and tasks retry. A
-    # `Database` has two pools, so that is one request for each (a read, a write).
+    # engine's whole pool; the API answers that request with 503 and tasks retry. (A
+    # `Database` recycles its other pool with it.)
     return create_engine(
         url,
         pool_size=pool_size,
@@ -70,6 +70,11 @@ class Database:
         self.read_sessions = sessionmaker(
             self.autocommit_engine, expire_on_commit=False, info=info or {}
         )
+        # A disconnect on one pool (a database restart) recycles that pool; the other's
+        # idle connections are as dead, so they go too: after a restart one request
+        # fails, not one for each pool.
+        event.listen(self.engine, "handle_error", _recycle_on_disconnect(self.autocommit_engine))
+        event.listen(self.autocommit_engine, "handle_error", _recycle_on_disconnect(self.engine))
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -85,6 +90,16 @@ class Database:
     def dispose(self) -> None:
         for engine in self.engines:
             engine.dispose()
+
+
+def _recycle_on_disconnect(other: Engine) -> Callable[[ExceptionContext], None]:
+    def recycle(context: ExceptionContext) -> None:
+        if context.is_disconnect:
+            # Closes its idle connections and starts a new pool (SQLAlchemy's
+            # `Engine.dispose`); connections in use finish and go with the old pool.
+            other.dispose()
+
+    return recycle
 
 
 def after_commit(session: Session, callback: Callable[[], None]) -> None:

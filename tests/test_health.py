@@ -90,8 +90,13 @@ def test_an_exhausted_pool_is_a_503_with_retry_after(database_url, redis_url, cl
 def test_a_restarted_database_costs_one_request(
     app, app_factory, client, make_user, auth, database_url
 ):
-    alice = make_user("alice")
-    assert client.get("/v1/me", headers=auth(alice)).status_code == 200
+    """One request, not one for each of the process's two pools (reads on autocommit,
+    writes in transactions): a disconnect seen on one recycles both."""
+    alice = make_user("alice", role="member", tier="privileged")
+    make_user("bob", role="member", tier="free")
+    assert client.get("/v1/me", headers=auth(alice)).status_code == 200  # the read pool
+    started = client.post("/v1/conversations", json={"participant_id": "bob"}, headers=auth(alice))
+    assert started.status_code == 201  # and the write pool hold a connection each
     # What a PostgreSQL restart does to the pooled connections: cut them.
     admin = sqlalchemy.create_engine(normalise_database_url(database_url))
     with admin.begin() as connection:
@@ -103,6 +108,9 @@ def test_a_restarted_database_costs_one_request(
     first = client.get("/v1/me", headers=auth(alice))
     assert (first.status_code, first.json["error"]["code"]) == (503, "database_unavailable")
     assert first.headers["Retry-After"] == "1"
+    # The write pool's connection was as dead: recycled with the read pool's.
+    again = client.post("/v1/conversations", json={"participant_id": "bob"}, headers=auth(alice))
+    assert again.status_code in (200, 201), again.json
     assert client.get("/v1/me", headers=auth(alice)).status_code == 200
     # The other apps this session built lost their connections too: spare later tests
     # the one 503 each of them would answer.
