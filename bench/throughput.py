@@ -38,7 +38,8 @@ from proc_stats import CpuMeter, pid_of, wait_quiet
 from procs import BenchRun, wait_healthy
 from stream_clients import Clients, parse_records
 
-from workers.broker import is_amqp
+from workers.broker import is_amqp, purge_amqp_queues
+from workers.celery_app import QUEUES
 
 SERVICE_TOKEN = "stream-bench-service-token-0123456789"
 JWT_SECRET = "stream-bench-jwt-secret-0123456789abcdefghijklmnop"
@@ -301,8 +302,8 @@ def run(args: argparse.Namespace) -> int:
             SWITCHBOARD_POLICY="bookstore",
             **broker,
         )
-        if args.broker_url:
-            purge_queues(args.broker_url)
+        if args.broker_url:  # what the flush of --redis-url does for Redis
+            purge_amqp_queues(args.broker_url, QUEUES)
         settings = load_settings(env)
         conversations = provision_pairs(database_url, args.users)
         tokens = [mint_token(settings, user_id(i), PAIRS_TENANT) for i in range(args.users)]
@@ -367,24 +368,6 @@ def run(args: argparse.Namespace) -> int:
                 break
         bench.report_dead()
         return 0 if summary(rows, fixed, searched, args.cpu_columns) else 1
-
-
-def purge_queues(broker_url: str) -> None:
-    """Empty the app's queues on the RabbitMQ vhost of `broker_url` (what --redis-url's
-    flush does for Redis): a task left by an earlier run would be counted in this one."""
-    import kombu
-
-    from workers.celery_app import QUEUES
-
-    with kombu.Connection(broker_url, connect_timeout=5) as connection:
-        for name in QUEUES:
-            channel = connection.channel()
-            try:
-                channel.queue_purge(name)
-            except connection.channel_errors:
-                pass  # not declared yet: nothing in it (and the error closed the channel)
-            else:
-                channel.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,6 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-import kombu
 import pytest
 import redis
 import sqlalchemy
@@ -46,7 +45,7 @@ from app.services.users import UserUpsert, upsert_user
 from app.settings import Settings, load_settings, normalise_database_url
 from schedules import beat_schedule
 from tests import live
-from workers.broker import broker_options, is_amqp
+from workers.broker import broker_options, is_amqp, purge_amqp_queues
 from workers.celery_app import QUEUES
 from workers.tasks import flush_sends
 
@@ -285,21 +284,8 @@ def clean_state(database_url: str, redis_url: str) -> Iterator[None]:
     client.flushdb()
     client.close()
     if _broker_url is not None and is_amqp(_broker_url):
-        _purge_amqp_queues(_broker_url)
+        purge_amqp_queues(_broker_url, QUEUES)
     yield
-
-
-def _purge_amqp_queues(url: str) -> None:
-    """Empty the app's queues on this run's RabbitMQ vhost (flushdb does it for Redis)."""
-    with kombu.Connection(url) as connection:
-        for name in QUEUES:
-            channel = connection.channel()
-            try:
-                channel.queue_purge(name)
-            except connection.channel_errors:
-                pass  # not declared yet: nothing in it (and the error closed the channel)
-            else:
-                channel.close()
 
 
 @pytest.fixture

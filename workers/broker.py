@@ -5,6 +5,7 @@ laptop's) or RabbitMQ (`SWITCHBOARD_BROKER_URL=amqp://...`).
   that a task the API has handed to the broker survives a broker restart, a killed worker's
   tasks come back, and no worker process ends because its broker went away for a while.
 - `queue_depths(celery)`: how many tasks wait in each queue, on either transport.
+- `purge_amqp_queues(url, names)`: empty queues on a RabbitMQ vhost (tests, benchmarks).
 - `patch_kombu_redis_restore()`: a small patch of kombu's Redis transport (see there) that
   keeps a Redis restart from ending the worker process.
 - `patch_kombu_redis_client_reuse()`: another, that keeps kombu from building a new Redis
@@ -110,6 +111,22 @@ def queue_depths(celery: Celery, names: Iterable[str] | None = None) -> dict[str
         # Celery's Redis transport keeps each queue as a list named after it.
         client = connection.default_channel.client
         return {name: int(client.llen(name)) for name in names}
+
+
+def purge_amqp_queues(url: str, names: Iterable[str]) -> None:
+    """Empty these queues on the RabbitMQ vhost of `url` (what FLUSHDB does on Redis), for
+    tests and benchmarks that must not count an earlier run's tasks. A queue nobody has
+    declared yet holds nothing: RabbitMQ answers 404 and closes that channel."""
+    import kombu
+
+    with kombu.Connection(url, connect_timeout=CONNECT_TIMEOUT_SECONDS) as connection:
+        for name in names:
+            channel = connection.channel()
+            try:
+                channel.queue_purge(name)
+            except connection.channel_errors:
+                continue
+            channel.close()
 
 
 def _amqp_depth(connection: Any, name: str) -> int:
