@@ -63,72 +63,75 @@ def collections() -> Iterator[list[int]]:
         gc.unfreeze()
 
 
+@pytest.fixture
+def hold_on_a_clock() -> Iterator[tuple[FullCollectionHold, _Clock]]:
+    """An installed hold (1 s quiet, 30 s at most) on a clock the test moves."""
+    clock = _Clock()
+    hold = FullCollectionHold(linger=1.0, max_hold=30.0, clock=clock)
+    hold.install()
+    try:
+        yield hold, clock
+    finally:
+        hold.uninstall()
+
+
 def _allocate_survivors(count: int) -> list[list[Any]]:
     """Container objects that live on, so young collections promote them."""
     return [[] for _ in range(count)]
 
 
 def test_no_full_collection_starts_during_a_fan_out_and_one_due_runs_after_it(
-    collections: list[int],
+    collections: list[int], hold_on_a_clock: tuple[FullCollectionHold, _Clock]
 ) -> None:
-    clock = _Clock()
-    hold = FullCollectionHold(linger=1.0, max_hold=30.0, clock=clock)
-    hold.install()
-    try:
-        kept = _allocate_survivors(3_000)
-        assert 2 in collections  # as tuned, a full collection falls due this often
-        collections.clear()
+    hold, clock = hold_on_a_clock
+    kept = _allocate_survivors(3_000)
+    assert 2 in collections  # as tuned, a full collection falls due this often
+    collections.clear()
 
-        hold.during_fan_out()
-        assert hold.holding
-        kept += _allocate_survivors(3_000)
-        clock.now += 0.9  # the fan-out's next chunk, within the second
-        hold.during_fan_out()
-        clock.now += 0.9
-        kept += _allocate_survivors(3_000)
-        assert collections.count(1) >= 5  # young collections went on
-        assert 2 not in collections
-        assert hold.holding
+    hold.during_fan_out()
+    assert hold.holding
+    kept += _allocate_survivors(3_000)
+    clock.now += 0.9  # the fan-out's next chunk, within the second
+    hold.during_fan_out()
+    clock.now += 0.9
+    kept += _allocate_survivors(3_000)
+    assert collections.count(1) >= 5  # young collections went on
+    assert 2 not in collections
+    assert hold.holding
 
-        clock.now += 1.0  # a quiet second: the next collection ends the hold
-        kept += _allocate_survivors(3_000)
-        assert not hold.holding
-        assert 2 in collections
-        assert gc.get_threshold() == (100, 2, 2)
-        del kept
-    finally:
-        hold.uninstall()
+    clock.now += 1.0  # a quiet second: the next collection ends the hold
+    kept += _allocate_survivors(3_000)
+    assert not hold.holding
+    assert 2 in collections
+    assert gc.get_threshold() == (100, 2, 2)
+    del kept
 
 
 def test_fan_outs_without_a_quiet_moment_let_a_full_collection_through(
-    collections: list[int],
+    collections: list[int], hold_on_a_clock: tuple[FullCollectionHold, _Clock]
 ) -> None:
-    clock = _Clock()
-    hold = FullCollectionHold(linger=1.0, max_hold=30.0, clock=clock)
-    hold.install()
-    try:
-        overruns = _overruns()
-        hold.during_fan_out()
-        for _ in range(59):  # a chunk every half second for 29.5 s
-            clock.now += 0.5
-            hold.during_fan_out()
-        assert hold.holding
+    hold, clock = hold_on_a_clock
+    overruns = _overruns()
+    hold.during_fan_out()
+    for _ in range(59):  # a chunk every half second for 29.5 s
         clock.now += 0.5
-        hold.during_fan_out()  # 30 s: the collector gets its turn
-        assert not hold.holding
-        assert _overruns() == overruns + 1
-        collections.clear()
-        kept = _allocate_survivors(3_000)
-        assert 2 in collections
-        clock.now += 0.5
-        hold.during_fan_out()  # still within the second given to the collector
-        assert not hold.holding
-        clock.now += 0.6
         hold.during_fan_out()
-        assert hold.holding
-        del kept
-    finally:
-        hold.uninstall()
+    assert hold.holding
+    clock.now += 0.5
+    hold.during_fan_out()  # 30 s: the collector gets its turn
+    assert not hold.holding
+    assert _overruns() == overruns + 1
+    collections.clear()
+    kept = _allocate_survivors(3_000)
+    assert 2 in collections
+    clock.now += 0.5
+    hold.during_fan_out()  # still within the second given to the collector
+    assert not hold.holding
+    clock.now += 0.6
+    hold.during_fan_out()
+    assert hold.holding
+    del kept
+    hold.uninstall()
     assert gc.get_threshold() == (100, 2, 2)
 
 
