@@ -113,6 +113,23 @@ def postgres_backends(database: str) -> list[int]:
     return found
 
 
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """User + system CPU of the children `pid` has waited for (a postmaster's ended
+    backends): a process's own counters vanish with it, its parent's keep them."""
+    try:
+        fields = _stat(pid)
+    except OSError:
+        return float("nan")
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(_stat(pid)[1])
+    except OSError:
+        return None
+
+
 def pid_of(command_name: str) -> int | None:
     for pid in _pids():
         with contextlib.suppress(OSError):
@@ -205,19 +222,31 @@ class CpuMeter:
     database: str
     probe: HealthProbe | None = None
     start: dict[str, Any] = field(default_factory=dict)
+    postmaster: int | None = None
 
     def sample(self) -> dict[str, Any]:
         busy, total = machine_cpu()
         per_pid = {
             name: {pid: proc_cpu_seconds(pid) for pid in pids} for name, pids in self.pids.items()
         }
-        per_pid["postgres"] = {
-            pid: proc_cpu_seconds(pid) for pid in postgres_backends(self.database)
-        }
+        backends = postgres_backends(self.database)
+        per_pid["postgres"] = {pid: proc_cpu_seconds(pid) for pid in backends}
+        if self.postmaster is None and backends:
+            self.postmaster = parent_of(backends[0])
+        # A backend that ends during the phase (a connection closed, an autovacuum
+        # worker) takes its counters with it; the postmaster keeps them, for every
+        # database: counted under "postgres" (see measure()).
+        reaped = reaped_children_cpu_seconds(self.postmaster) if self.postmaster else 0.0
         redis_pid = pid_of("redis-server")
         per_pid["redis-server"] = {redis_pid: proc_cpu_seconds(redis_pid)} if redis_pid else {}
         per_pid["bench+sender"] = {0: own_cpu_seconds()}
-        return {"per_pid": per_pid, "busy": busy, "total": total, "wall": time.monotonic()}
+        return {
+            "per_pid": per_pid,
+            "reaped": reaped,
+            "busy": busy,
+            "total": total,
+            "wall": time.monotonic(),
+        }
 
     def begin(self) -> None:
         if self.probe is not None:
@@ -226,7 +255,11 @@ class CpuMeter:
 
     def measure(self) -> dict[str, Any]:
         """Since `begin()`: CPU seconds of each process group ("used"), the machine's busy
-        CPU seconds ("busy", all cores) and the wall seconds ("wall")."""
+        CPU seconds ("busy", all cores) and the wall seconds ("wall").
+
+        "postgres" counts the backends that ended in between too, by what the postmaster
+        reaped (less what they had used before `begin()`): any database's, so another
+        database's short connections or an autovacuum worker count as well."""
         end = self.sample()
         used = {}
         for name, now in end["per_pid"].items():
@@ -234,6 +267,11 @@ class CpuMeter:
             used[name] = sum(
                 value - then.get(pid, 0.0) for pid, value in now.items() if value == value
             )
+        backends_then, backends_now = self.start["per_pid"]["postgres"], end["per_pid"]["postgres"]
+        ended = [pid for pid in backends_then if pid not in backends_now]
+        reaped = end["reaped"] - self.start["reaped"]
+        if reaped == reaped:
+            used["postgres"] += max(0.0, reaped - sum(backends_then[pid] for pid in ended))
         busy = (end["busy"] - self.start["busy"]) / os.sysconf("SC_CLK_TCK")
         return {"used": used, "busy": busy, "wall": max(1e-9, end["wall"] - self.start["wall"])}
 

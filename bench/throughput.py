@@ -138,6 +138,19 @@ def accepted_to_stored(database_url: str, prefix: str) -> tuple[float, float]:
     return float(parts[0]), float(parts[1])
 
 
+def sessions_started(database_url: str) -> int:
+    """Connections made to the benchmark's database so far (PostgreSQL's own count).
+    Its pools keep their connections: a step that opens some is paying for backends
+    started and prepared statements lost."""
+    import psycopg
+
+    with psycopg.connect(psycopg_url(database_url)) as connection:
+        row = connection.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, Any]:
     """Send `count` messages at `rate`, wait for their frames, measure; a result row."""
     clients, port, meter, args = ctx["clients"], ctx["port"], ctx["meter"], ctx["args"]
@@ -147,6 +160,7 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
     plan = plan_sends(ctx["pairs"], ctx["tokens"], ctx["conversations"], prefix, count)
     clients.mark(f'"{prefix}-'.encode())
     collector_before = scrape(port)
+    sessions_before = sessions_started(ctx["database_url"])
     meter.begin()
     sender_cpu, sending = time.process_time(), time.monotonic()
     sends = send_steady(port, [p[:3] for p in plan], rate, args.sender_threads, "hello")
@@ -183,11 +197,16 @@ def step(ctx: dict[str, Any], rate: float, count: int, name: str) -> dict[str, A
     behind = not achieved >= 0.95 * rate or lag99 > 0.05
     http99 = percentile(tally["http_time"], 99)
     stored50, stored99 = accepted_to_stored(ctx["database_url"], prefix)
+    # Less this benchmark's own two: the count above, and the one just before it. (The
+    # count lags a connection by up to a second or so.)
+    connected = sessions_started(ctx["database_url"]) - sessions_before - 2
     http50 = percentile(tally["http_time"], 50)
     row["parts"] = (
         f"where it goes, p50 / p99: send issued -> 202 {http50 * 1000:.1f} / "
         f"{http99 * 1000:.1f} ms; row inserted -> stored by the worker {stored50 * 1000:.1f} / "
         f"{stored99 * 1000:.1f} ms; the rest is the event's way to the socket\n"
+        f"        connections opened to PostgreSQL ~{max(0, connected)} (a pool opens a few "
+        "as it grows; dozens mean connections closed and opened again)\n"
         f"        the web's garbage {collector}"
     )
     # Behind while the server answered quickly: the sender's CPU or threads, not the server.

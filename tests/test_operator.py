@@ -189,6 +189,29 @@ def test_bad_configuration_stops_start_up_with_one_line_naming_the_key(
         assert "colour: unknown key" in lines[0]
 
 
+def test_a_worker_running_more_tasks_than_its_pool_holds_is_refused(tmp_path: Path) -> None:
+    settings = {
+        # Never reached: the worker is refused before it connects to anything.
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/never",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "WORKER_CONCURRENCY": "6",
+        "SWITCHBOARD_DB_POOL_SIZE": "4",
+        **VALID_SECRETS,
+    }
+    finished = subprocess.run(
+        ENTRY_POINTS["worker"](tmp_path),
+        cwd=tmp_path,
+        env=process_env(tmp_path, **settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = finished.stderr.strip().splitlines()
+    assert finished.returncode == 2, finished.stderr
+    assert lines[-1].startswith("switchboard: SWITCHBOARD_DB_POOL_SIZE=4 is below"), lines
+    assert "--concurrency 6" in lines[-1]
+
+
 # --- switchboard up ----------------------------------------------------------------------
 
 

@@ -12,10 +12,11 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 
 from app import create_app
+from app.db import pool_size_problem
 from app.policy import PolicyError
 from app.settings import SettingsError
 
@@ -77,6 +78,19 @@ def serve_metrics(host: str, port: int, token: str | None) -> WSGIServer:
     )
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
+
+
+@worker_init.connect
+def _refuse_more_tasks_than_connections(sender: Any = None, **_kwargs: object) -> None:
+    """Stop a worker whose concurrency its pools cannot serve, with one line naming the
+    setting, before it connects to anything."""
+    concurrency = getattr(sender, "max_concurrency", None) or getattr(sender, "concurrency", None)
+    problem = pool_size_problem(
+        concurrency, flask_app.extensions["switchboard.settings"].db_pool_size
+    )
+    if problem:
+        print(f"switchboard: {problem}", file=sys.stderr)
+        sys.exit(2)
 
 
 @worker_ready.connect
