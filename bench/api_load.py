@@ -599,7 +599,9 @@ def run(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         web = Proc("web", web_env, log_dir / "web.log", web_command).start()
         procs.append(web)
-        worker = Proc("worker", env, log_dir / "worker.log", worker_command).start()
+        # As many connections per pool as threads, or the worker refuses to start.
+        worker_env = env | {"SWITCHBOARD_DB_POOL_SIZE": str(max(10, args.worker_concurrency))}
+        worker = Proc("worker", worker_env, log_dir / "worker.log", worker_command).start()
         procs.append(worker)
         prepared = time.perf_counter()
         workload = load_workload(db_url, env, rng)

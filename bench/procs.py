@@ -180,7 +180,12 @@ class BenchRun:
             drop_database(self.pg_url, self.db_name)
 
     def start(self, name: str, env: dict[str, str], **extra: str) -> Proc:
-        """The Procfile's line `name` with `env` and `extra`, logged to <work>/<name>.log."""
+        """The Procfile's line `name` with `env` and `extra`, logged to <work>/<name>.log.
+        A worker given more threads than the pools' default gets pools as large (it
+        refuses to start with fewer connections than threads)."""
+        threads = extra.get("WORKER_CONCURRENCY")
+        if threads and "SWITCHBOARD_DB_POOL_SIZE" not in env | extra:
+            extra["SWITCHBOARD_DB_POOL_SIZE"] = str(max(10, int(threads)))
         proc = Proc(name, env | extra, self.work / f"{name}.log").start()
         self.procs.append(proc)
         self._cleanup.callback(proc.stop)
