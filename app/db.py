@@ -40,7 +40,8 @@ def make_engine(
         # 3-5 a second, each a backend started and its prepared statements lost. That
         # cost CPU just when the process was behind, so more requests waited and more
         # connections opened. Without overflow a burst waits for a pooled connection (up
-        # to pool_timeout, then 503): the 202's p50 at 400/s went from 42-67 to 5 ms.
+        # to pool_timeout, then 503): the 202's p50 at 400/s fell from 42-67 ms to 5-9 in
+        # most runs (README, Performance).
         # Connections open on first use and stay.
         max_overflow=0,
         # Waiting longer for a connection means the process is overloaded: the API
