@@ -155,25 +155,18 @@ ENTRY_POINTS = {
 }
 
 
-@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
-@pytest.mark.parametrize("problem", ["policy file", "variable"])
-def test_bad_configuration_stops_start_up_with_one_line_naming_the_key(
-    entry_point: str, problem: str, tmp_path: Path
-) -> None:
-    settings = {
-        # Never reached: the configuration is refused before anything connects.
-        "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/never",
-        "REDIS_URL": "redis://127.0.0.1:1/0",
-        "PORT": str(free_port()),
-        **VALID_SECRETS,
-    }
-    if problem == "policy file":
-        settings["SWITCHBOARD_POLICY"] = str(bad_policy_file(tmp_path))
-        key = "colour"
-    else:
-        settings["SWITCHBOARD_LOG_LEVEL"] = "LOUD"
-        key = "SWITCHBOARD_LOG_LEVEL"
-    finished = subprocess.run(
+# Never reached by a start-up that is refused before it connects to anything.
+UNREACHABLE_SERVERS = {
+    "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/never",
+    "REDIS_URL": "redis://127.0.0.1:1/0",
+}
+
+
+def start_refused(
+    entry_point: str, tmp_path: Path, settings: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run `entry_point` with `settings` until it exits (it is expected to refuse)."""
+    return subprocess.run(
         ENTRY_POINTS[entry_point](tmp_path),
         cwd=tmp_path,
         env=process_env(tmp_path, **settings),
@@ -181,6 +174,21 @@ def test_bad_configuration_stops_start_up_with_one_line_naming_the_key(
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+@pytest.mark.parametrize("problem", ["policy file", "variable"])
+def test_bad_configuration_stops_start_up_with_one_line_naming_the_key(
+    entry_point: str, problem: str, tmp_path: Path
+) -> None:
+    settings = {**UNREACHABLE_SERVERS, "PORT": str(free_port()), **VALID_SECRETS}
+    if problem == "policy file":
+        settings["SWITCHBOARD_POLICY"] = str(bad_policy_file(tmp_path))
+        key = "colour"
+    else:
+        settings["SWITCHBOARD_LOG_LEVEL"] = "LOUD"
+        key = "SWITCHBOARD_LOG_LEVEL"
+    finished = start_refused(entry_point, tmp_path, settings)
     lines = finished.stderr.strip().splitlines()
     assert finished.returncode != 0, finished.stderr
     assert len(lines) == 1, finished.stderr
@@ -191,21 +199,12 @@ def test_bad_configuration_stops_start_up_with_one_line_naming_the_key(
 
 def test_a_worker_running_more_tasks_than_its_pool_holds_is_refused(tmp_path: Path) -> None:
     settings = {
-        # Never reached: the worker is refused before it connects to anything.
-        "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/never",
-        "REDIS_URL": "redis://127.0.0.1:1/0",
+        **UNREACHABLE_SERVERS,
         "WORKER_CONCURRENCY": "6",
         "SWITCHBOARD_DB_POOL_SIZE": "4",
         **VALID_SECRETS,
     }
-    finished = subprocess.run(
-        ENTRY_POINTS["worker"](tmp_path),
-        cwd=tmp_path,
-        env=process_env(tmp_path, **settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    finished = start_refused("worker", tmp_path, settings)
     lines = finished.stderr.strip().splitlines()
     assert finished.returncode == 2, finished.stderr
     assert lines[-1].startswith("switchboard: SWITCHBOARD_DB_POOL_SIZE=4 is below"), lines
