@@ -41,6 +41,7 @@ from http_pool import HttpPool
 from proc_stats import (
     ProcSample,
     cpu_breakdown,
+    cpu_model,
     machine_busy_share,
     machine_cpu,
     own_cpu_seconds,
@@ -437,14 +438,8 @@ def machine_facts(db_url: str) -> list[str]:
     with contextlib.suppress(OSError, ValueError, IndexError):
         kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
         memory = f", {kib / 1024 / 1024:.1f} GiB RAM"
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = " (" + line.split(":", 1)[1].strip() + ")"
-                break
     return [
-        f"machine: {os.cpu_count()} cores{model}{memory}, Python {sys.version.split()[0]}",
+        f"machine: {os.cpu_count()} cores ({cpu_model()}){memory}, Python {sys.version.split()[0]}",
         f"PostgreSQL {shown['server_version']}: shared_buffers {shown['shared_buffers']}, "
         f"work_mem {shown['work_mem']}, synchronous_commit {shown['synchronous_commit']}",
     ]

@@ -205,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
             {"web worker": [web_pid], "broadcast worker": [fanout.pid], "clients": clients.pids()},
             args.db_name,
             probe,
+            redis_pid=bench.redis_pid,
         )
         wait_quiet(args.wait_quiet)
         for n in range(args.warmup):

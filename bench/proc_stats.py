@@ -58,6 +58,21 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_model() -> str:
+    """The processor's name and clock (/proc/cpuinfo), for a benchmark's heading: hosts
+    sold as the same 2-core machine have measured the same code at up to twice the CPU
+    a message, and this line tells their runs apart."""
+    name = mhz = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not name:
+                name = value.strip()
+            elif key.strip() == "cpu MHz" and not mhz:
+                mhz = f" at {float(value):.0f} MHz"
+    return (name or "processor unknown") + mhz
+
+
 def own_cpu_seconds() -> float:
     """User + system CPU of this process so far (all its threads)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -221,6 +236,9 @@ class CpuMeter:
     pids: dict[str, list[int]]
     database: str
     probe: HealthProbe | None = None
+    # The benchmark's Redis server (BenchRun.redis_pid); without it, the first
+    # redis-server found, which may be another one when several run.
+    redis_pid: int | None = None
     start: dict[str, Any] = field(default_factory=dict)
     postmaster: int | None = None
 
@@ -237,7 +255,7 @@ class CpuMeter:
         # worker) takes its counters with it; the postmaster keeps them, for every
         # database: counted under "postgres" (see measure()).
         reaped = reaped_children_cpu_seconds(self.postmaster) if self.postmaster else 0.0
-        redis_pid = pid_of("redis-server")
+        redis_pid = self.redis_pid or pid_of("redis-server")
         per_pid["redis-server"] = {redis_pid: proc_cpu_seconds(redis_pid)} if redis_pid else {}
         per_pid["bench+sender"] = {0: own_cpu_seconds()}
         return {

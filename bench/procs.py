@@ -144,6 +144,9 @@ class BenchRun:
 
         self.pg_url, self.db_name, self.keep_db = pg_url, db_name, keep_db
         self.redis_url = redis_url
+        # The Redis server's pid, when it runs on this machine (set by `environment`):
+        # what CpuMeter counts as Redis, whichever other redis-server runs beside it.
+        self.redis_pid: int | None = None
         self.work = Path(tempfile.mkdtemp(prefix=prefix))
         self.metrics_dir = self.work / "metrics"
         self.metrics_dir.mkdir()
@@ -170,6 +173,8 @@ class BenchRun:
         database_url = setup_database(self.pg_url, self.db_name)
         client = redis.Redis.from_url(self.redis_url)
         client.flushdb()
+        pid = client.info("server").get("process_id")
+        self.redis_pid = pid if isinstance(pid, int) and Path(f"/proc/{pid}").exists() else None
         client.close()
         self._cleanup.callback(self.s3.stop)
         env = process_env(database_url, self.redis_url, **settings) | self.s3.start()

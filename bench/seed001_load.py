@@ -349,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         open_loop(port, warm, 20.0, 4)
         wait_drained(database_url, 60)
         wait_quiet(args.wait_quiet)
-        meter = CpuMeter(pids, args.db_name)
+        meter = CpuMeter(pids, args.db_name, redis_pid=bench.redis_pid)
         print(
             f"{os.cpu_count()} cores; web 127.0.0.1:{port} ({args.web_concurrency} gunicorn "
             f"workers), worker ({args.worker_concurrency} threads), broadcasts, beat; "

@@ -621,6 +621,7 @@ def run(args: argparse.Namespace) -> int:
             {"web worker": [worker_pid], "celery worker": [worker.pid], "clients": clients.pids()},
             args.db_name,
             probe,
+            redis_pid=bench.redis_pid,
         )
         wait_quiet(args.wait_quiet)
         sequences: dict[int, list[int]] = {}

@@ -34,7 +34,7 @@ from common import percentile, raise_nofile, run_cleanly, verdict
 from database import PAIRS_TENANT, provision_pairs, psycopg_url, user_id
 from message_sender import plan_sends, send_steady, tally_sends
 from metrics import collector_summary, scrape
-from proc_stats import CpuMeter, pid_of, wait_quiet
+from proc_stats import CpuMeter, cpu_model, pid_of, wait_quiet
 from procs import BenchRun, wait_healthy
 from stream_clients import Clients, parse_records
 
@@ -336,11 +336,11 @@ def run(args: argparse.Namespace) -> int:
         if len(opened) < args.users:
             raise RuntimeError(f"only {len(opened)} of {args.users} sockets opened")
         print(
-            f"{os.cpu_count()} cores; {args.users} users with a socket each, {len(conversations)}"
-            f" conversations; web 127.0.0.1:{port} ({args.web_concurrency} gunicorn worker(s) "
-            f"{web_pids}), celery worker {worker.pid} (threads "
-            f"{args.worker_concurrency}); {args.sender_threads} sender threads, "
-            f"{args.client_procs} client process(es); logs in {work}"
+            f"{os.cpu_count()} cores ({cpu_model()}); {args.users} users with a socket each, "
+            f"{len(conversations)} conversations; web 127.0.0.1:{port} "
+            f"({args.web_concurrency} gunicorn worker(s) {web_pids}), celery worker "
+            f"{worker.pid} (threads {args.worker_concurrency}); {args.sender_threads} sender "
+            f"threads, {args.client_procs} client process(es); logs in {work}"
         )
         pids = {"web worker": web_pids, "celery worker": [worker.pid], "clients": clients.pids()}
         if args.broker_url:
@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
             if beam is None:
                 raise RuntimeError("--broker-url: no RabbitMQ (beam.smp) runs on this machine")
             pids["rabbitmq"] = [beam]
-        meter = CpuMeter(pids, args.db_name)
+        meter = CpuMeter(pids, args.db_name, redis_pid=bench.redis_pid)
         ctx = {"args": args, "clients": clients, "port": port, "meter": meter, "tokens": tokens}
         ctx["database_url"] = database_url
         ctx |= {"conversations": conversations, "pairs": list(range(len(conversations)))}
