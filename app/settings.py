@@ -185,7 +185,7 @@ class Settings(BaseModel):
     # next task, while the process is busy (a quiet one enqueues each send at once); see
     # workers/send_batches.py.
     send_batch_window_ms: float = Field(
-        default=30.0, ge=0, le=1000, validation_alias=_env("SWITCHBOARD_SEND_BATCH_WINDOW_MS")
+        default=20.0, ge=0, le=1000, validation_alias=_env("SWITCHBOARD_SEND_BATCH_WINDOW_MS")
     )
     send_batch_max: int = Field(
         default=100, ge=1, le=1000, validation_alias=_env("SWITCHBOARD_SEND_BATCH_MAX")
