@@ -32,6 +32,19 @@ def procfile_command(name: str) -> str:
     raise KeyError(name)
 
 
+def _local_redis_pid(pid: object) -> int | None:
+    """`pid` (what Redis reports as its own) when it is a redis-server on this machine: a
+    server elsewhere, or in a container's pid namespace, may report a pid that here is
+    no process or another one."""
+    if not isinstance(pid, int):
+        return None
+    try:
+        command = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+    return pid if command == "redis-server" else None
+
+
 @dataclass
 class Proc:
     """The Procfile's line `name` (or `command`, when given), run from the repository in
@@ -173,8 +186,7 @@ class BenchRun:
         database_url = setup_database(self.pg_url, self.db_name)
         client = redis.Redis.from_url(self.redis_url)
         client.flushdb()
-        pid = client.info("server").get("process_id")
-        self.redis_pid = pid if isinstance(pid, int) and Path(f"/proc/{pid}").exists() else None
+        self.redis_pid = _local_redis_pid(client.info("server").get("process_id"))
         client.close()
         self._cleanup.callback(self.s3.stop)
         env = process_env(database_url, self.redis_url, **settings) | self.s3.start()
