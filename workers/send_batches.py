@@ -14,11 +14,12 @@ while the process is busy: when its sends of the last second, spread evenly,
 would put fewer than two in a window (below 100 sends/s with the default 20 ms
 window), nothing would share the wait, and each send goes out at once. (A steady
 200 sends/s with a 30 ms window: about six sends a task, and a third less CPU
-per message than a 5 ms window. The default is 20 ms since 2026-12-07: against
-30 ms, interleaved, the same CPU a message at 200 and 400 sends/s within the
-noise, delivery p50 at 200 sends/s 15.5-18.0 ms against 23.1-23.9, and 600
-sends/s carried under the p99 bar where 30 ms was not; 10 ms failed at 400;
-`bench/throughput.py`.)
+per message than a 5 ms window. The default is 20 ms since 2026-12-07, a trade of
+CPU for latency: against 30 ms, interleaved, delivery p50 at 200 sends/s 15.5-18.0
+ms against 23.1-23.9, and 600 sends/s carried under the p99 bar where 30 ms was
+not, for ~15 % more CPU a message at 120-400 sends/s; at 67-99 sends/s, where 30
+ms holds the window and 20 ms does not, a send costs ~50 % more CPU and arrives
+four times sooner. 10 ms failed at 400 sends/s. `bench/throughput.py`; README.)
 
 Nothing here needs to be durable. Every send is already committed as `queued`
 in PostgreSQL when it reaches the batcher; a batch lost to a broker error or a
