@@ -59,9 +59,9 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 def cpu_model() -> str:
-    """The processor's name and clock (/proc/cpuinfo), for a benchmark's heading: hosts
-    sold as the same 2-core machine have measured the same code at up to twice the CPU
-    a message, and this line tells their runs apart."""
+    """The processor's name and clock (/proc/cpuinfo), for a benchmark's heading: the
+    hosts this project's 2-core machine has run on have measured the same code at up to
+    twice the CPU a message, and this line tells their runs apart."""
     name = mhz = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -236,8 +236,9 @@ class CpuMeter:
     pids: dict[str, list[int]]
     database: str
     probe: HealthProbe | None = None
-    # The benchmark's Redis server (BenchRun.redis_pid); without it, the first
-    # redis-server found, which may be another one when several run.
+    # The benchmark's Redis server (BenchRun.redis_pid); None when it runs on another
+    # machine (or could not be found): Redis is then not counted, rather than counting
+    # some other redis-server of this machine.
     redis_pid: int | None = None
     start: dict[str, Any] = field(default_factory=dict)
     postmaster: int | None = None
@@ -255,8 +256,8 @@ class CpuMeter:
         # worker) takes its counters with it; the postmaster keeps them, for every
         # database: counted under "postgres" (see measure()).
         reaped = reaped_children_cpu_seconds(self.postmaster) if self.postmaster else 0.0
-        redis_pid = self.redis_pid or pid_of("redis-server")
-        per_pid["redis-server"] = {redis_pid: proc_cpu_seconds(redis_pid)} if redis_pid else {}
+        redis = self.redis_pid
+        per_pid["redis-server"] = {redis: proc_cpu_seconds(redis)} if redis else {}
         per_pid["bench+sender"] = {0: own_cpu_seconds()}
         return {
             "per_pid": per_pid,
